@@ -1,0 +1,80 @@
+"""Experiments: one module per experiment, each a frozen ``Config`` plus ``run(config, run, progress)``.
+
+An experiment module provides
+
+* ``Config`` -- a frozen dataclass derived from :class:`ExperimentConfig` (its fields are the CLI
+  flags and the saved ``config.json``), with ``Config.quick()`` for ``--quick``;
+* ``run(config, run, progress)`` -- trains, appends to ``metrics.jsonl``, stores what the report
+  needs, and writes ``summary.json`` with claims computed from the results.
+
+Tables and figures are drawn by ``guided_descent.report`` from the run's files alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from guided_descent.experiments.config import ExperimentConfig
+from guided_descent.experiments.progress import Progress
+from guided_descent.experiments.records import RunDir
+from guided_descent.optimizers.registry import unknown_name
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    name: str
+    module: str
+    summary: str
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+
+EXPERIMENTS: dict[str, ExperimentInfo] = {
+    e.name: e
+    for e in (
+        ExperimentInfo(
+            "moons",
+            "guided_descent.experiments.moons",
+            "six optimizers x widths 32 / 8192 on two moons: the lecture's table and boundaries",
+        ),
+        ExperimentInfo(
+            "quadratic",
+            "guided_descent.experiments.quadratic",
+            "iterations to 1e-6 vs condition number: GD ~ kappa, momentum ~ sqrt(kappa), Newton 1",
+        ),
+    )
+}
+
+# What `guided-descent run` runs when no experiment is named.
+FLAGSHIP: tuple[str, ...] = ("moons", "quadratic")
+
+
+def get_experiment(name: str) -> ExperimentInfo:
+    if name not in EXPERIMENTS:
+        raise unknown_name("experiment", name, EXPERIMENTS)
+    return EXPERIMENTS[name]
+
+
+def execute(name: str, config: ExperimentConfig, run: RunDir, progress: Progress) -> None:
+    """Record ``config.json`` and ``env.json``, then run experiment ``name`` into ``run``."""
+    module = get_experiment(name).load()
+    if not isinstance(config, module.Config):
+        raise TypeError(f"{name} expects a {module.Config.__name__}, got {type(config).__name__}")
+    run.write_config(name, config)
+    run.write_env(config.device)
+    module.run(config, run, progress)
+
+
+__all__ = [
+    "EXPERIMENTS",
+    "FLAGSHIP",
+    "ExperimentConfig",
+    "ExperimentInfo",
+    "Progress",
+    "RunDir",
+    "execute",
+    "get_experiment",
+]

@@ -1,0 +1,293 @@
+"""Run records: the files a run directory holds, written so that nothing is lost.
+
+A run directory holds ``config.json``, ``env.json``, ``metrics.jsonl`` (appended and flushed line
+by line, so an interrupted run keeps every finished record), ``summary.json`` (results and
+claims), ``report.md`` and figures. JSON files are written atomically: a temporary file in the same
+directory, then ``os.replace``, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+CONFIG = "config.json"
+ENV = "env.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+REPORT = "report.md"
+
+
+class RunDirError(Exception):
+    """A run directory that cannot be created, written or read; the message is one line."""
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write; non-finite floats become ``null`` / ``"inf"`` so the file stays JSON."""
+    write_atomic(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete line of ``metrics.jsonl``; a torn last line (a killed run) is skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A statement checked against a number computed from the run.
+
+    ``passed`` is derived from ``value``, ``op`` and ``threshold``; it cannot be set by hand.
+    ``op`` is one of ``<=``, ``>=``, ``<``, ``>``, ``==``, ``within`` (``threshold`` a pair
+    ``[lo, hi]``, bounds included). A ``None`` or NaN value fails.
+    """
+
+    name: str
+    statement: str
+    value: float | None
+    op: str
+    threshold: float | Sequence[float]
+
+    OPS = ("<=", ">=", "<", ">", "==", "within")
+
+    def __post_init__(self) -> None:
+        if self.op not in self.OPS:
+            raise ValueError(f"claim {self.name}: op must be one of {self.OPS}, got {self.op!r}")
+        if self.op == "within" and (
+            not isinstance(self.threshold, Sequence) or len(self.threshold) != 2
+        ):
+            raise ValueError(f"claim {self.name}: 'within' needs [lo, hi], got {self.threshold!r}")
+
+    @property
+    def passed(self) -> bool:
+        v = self.value
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return False
+        t = self.threshold
+        match self.op:
+            case "<=":
+                return v <= t
+            case ">=":
+                return v >= t
+            case "<":
+                return v < t
+            case ">":
+                return v > t
+            case "==":
+                return v == t
+            case _:
+                return t[0] <= v <= t[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        threshold = list(self.threshold) if self.op == "within" else self.threshold
+        return {
+            "name": self.name,
+            "statement": self.statement,
+            "value": self.value,
+            "op": self.op,
+            "threshold": threshold,
+            "passed": self.passed,
+        }
+
+
+def git_commit(start: Path | None = None) -> str | None:
+    """The commit of the checkout this package runs from, if it is one (else ``None``)."""
+    where = start or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    if not commit:
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        timeout=5,
+    ).stdout.strip()
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, device and commit: what ``env.json`` records."""
+    from importlib import metadata
+
+    import guided_descent
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    dev = torch.device(device)
+    info: dict[str, Any] = {
+        "guided_descent": guided_descent.__version__,
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "device": str(dev),
+        "packages": {
+            name: version(name) for name in ("numpy", "matplotlib", "scikit-learn", "tqdm")
+        },
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if dev.type == "cuda" and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes it at once."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: IO[str] = open(path, "a", encoding="utf-8")
+
+    def write(self, **record: Any) -> None:
+        self._file.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+class RunDir:
+    """One run's directory and the writers for its files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: Path) -> RunDir:
+        """Make ``path`` (and parents). Refuse a directory that already holds a run."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"cannot write the run to {path}: it exists and is not a directory")
+        if (path / CONFIG).exists() or (path / SUMMARY).exists():
+            raise RunDirError(
+                f"{path} already holds a run; choose another --out or remove it first"
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(f"cannot write the run to {path}: {e.strerror or e}") from None
+        return cls(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, experiment: str, config: Any) -> None:
+        write_json(self.file(CONFIG), {"experiment": experiment, "config": config})
+
+    def write_env(self, device: str) -> None:
+        write_json(self.file(ENV), environment(device))
+
+    def write_summary(self, results: Mapping[str, Any], claims: Sequence[Claim]) -> None:
+        write_json(
+            self.file(SUMMARY),
+            {"results": results, "claims": [c.to_dict() for c in claims]},
+        )
+
+    @contextmanager
+    def metrics(self) -> Iterator[MetricsWriter]:
+        writer = MetricsWriter(self.file(METRICS))
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
+def default_run_dir(experiment: str, root: Path = Path("runs")) -> Path:
+    """``runs/<experiment>/<UTC timestamp>``, with a suffix if that name is taken."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    base = root / experiment / stamp
+    candidate, i = base, 1
+    while candidate.exists():
+        candidate = base.with_name(f"{stamp}-{i}")
+        i += 1
+    return candidate

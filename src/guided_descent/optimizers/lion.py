@@ -1,0 +1,142 @@
+"""Lion: sign of an interpolated momentum (Chen et al. 2023, arXiv 2302.06675).
+
+Update rule, for gradient ``g`` and momentum ``m`` (one buffer per parameter)::
+
+    c = beta1 * m + (1 - beta1) * g          # the direction: interpolate, then take the sign
+    p = p * (1 - lr * weight_decay)          # decoupled weight decay, as in AdamW
+    p = p - lr * sign(c)
+    m = beta2 * m + (1 - beta2) * g          # the momentum kept for the next step
+
+Every coordinate moves by exactly ``lr`` (or 0 where ``c`` is 0), so Lion wants a learning rate
+3-10x smaller than AdamW's and, to keep ``lr * weight_decay`` equal, a 3-10x larger weight decay.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from guided_descent.optimizers.validation import validate_hyperparams
+
+
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool = False,
+    foreach: bool = False,
+) -> None:
+    """Apply one Lion step in place to ``params`` and ``exp_avgs`` (functional form)."""
+    if foreach:
+        _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
+    else:
+        _lion_single(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
+
+
+def _lion_single(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize) -> None:
+    for p, g, m in zip(params, grads, exp_avgs, strict=True):
+        if maximize:
+            g = -g
+        c = m.lerp(g, 1.0 - beta1)  # beta1*m + (1-beta1)*g, a fresh buffer
+        if weight_decay != 0.0:
+            p.mul_(1.0 - lr * weight_decay)
+        p.add_(c.sign_(), alpha=-lr)
+        m.lerp_(g, 1.0 - beta2)
+
+
+def _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize) -> None:
+    # _foreach kernels need one device and dtype per call.
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(p.device, p.dtype)].append(i)
+    for idx in buckets.values():
+        ps = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        ms = [exp_avgs[i] for i in idx]
+        if maximize:
+            gs = torch._foreach_neg(gs)
+        cs = torch._foreach_lerp(ms, gs, 1.0 - beta1)
+        torch._foreach_sign_(cs)
+        if weight_decay != 0.0:
+            torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+        torch._foreach_add_(ps, cs, alpha=-lr)
+        torch._foreach_lerp_(ms, gs, 1.0 - beta2)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (EvoLved Sign Momentum), Chen et al. 2023, arXiv 2302.06675.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: step size; every coordinate moves by ``lr`` per step. Default 1e-4 (the lecture's).
+        betas: ``(beta1, beta2)``: interpolation for the update direction and decay of the kept
+            momentum. Default (0.9, 0.99).
+        weight_decay: decoupled weight decay, multiplied by ``lr``. Default 0.
+        maximize: ascend instead of descend.
+        foreach: use the multi-tensor ``torch._foreach_*`` path; ``None`` picks it when all
+            parameters are on a GPU.
+
+    State per parameter: ``exp_avg`` (one buffer the size of the parameter, in its dtype).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        validate_hyperparams("lion", {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+        defaults = dict(
+            lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lion does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+            if not params:
+                continue
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = all(p.is_cuda for p in params)
+            beta1, beta2 = group["betas"]
+            lion(
+                params,
+                grads,
+                exp_avgs,
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                foreach=foreach,
+            )
+        return loss
