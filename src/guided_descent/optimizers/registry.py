@@ -33,7 +33,10 @@ class OptimizerSpec:
 
     ``state_buffers`` is the optimizer state per parameter in units of the parameter's own size
     (Adam keeps two moment buffers: 2.0); ``state`` says the same in words, including any
-    per-layer matrices that do not scale with the parameter count.
+    per-layer matrices that do not scale with the parameter count. ``needs_model``: the factory
+    must get the ``nn.Module`` (it hooks into layers). ``routes``: given a module, the factory
+    gets the module so that it can route parameters (see ``guided_descent.routing``); given a
+    parameter list, it gets the list.
     """
 
     name: str
@@ -45,6 +48,7 @@ class OptimizerSpec:
     factory: Callable[..., torch.optim.Optimizer]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     needs_model: bool = False
+    routes: bool = False
     torch_native: bool = False
 
     def __post_init__(self) -> None:
@@ -56,7 +60,7 @@ class OptimizerSpec:
     def hyperparams(self) -> tuple[str, ...]:
         """Keyword arguments the factory accepts (besides the parameters / model)."""
         sig = inspect.signature(self.factory)
-        skip = {"params", "model", "self"}
+        skip = {"params", "model", "target", "self"}
         return tuple(
             n
             for n, p in sig.parameters.items()
@@ -152,5 +156,7 @@ def create(name: str, model_or_params: Any, **hyperparams: Any) -> torch.optim.O
                 f"{name} needs the model (it hooks into its layers): pass the nn.Module, "
                 "not a list of parameters"
             )
+        return spec.factory(model, **kwargs)
+    if spec.routes and model is not None:
         return spec.factory(model, **kwargs)
     return spec.factory(params, **kwargs)

@@ -49,7 +49,7 @@ def _betas(owner: str, value: Any) -> None:
     for i, b in enumerate(value):
         x = _as_float(b)
         if x is None or not 0.0 <= x < 1.0:
-            raise ValueError(f"{owner}: betas[{i}] must be in [0, 1), got {b!r}")
+            raise ValueError(f"{owner}: betas[{i}] must be in [0, 1), got {b!r} in betas={value!r}")
 
 
 def positive_int(what: str) -> Callable[[str, Any], None]:

@@ -1,0 +1,13 @@
+"""Pure ``Tensor -> Tensor`` matrix functions shared by the preconditioned optimizers.
+
+One canonical implementation of each: no optimizer keeps its own copy (DESIGN rule 4).
+"""
+
+from guided_descent.linalg.matrix_functions import (
+    MatrixFunctionError,
+    eigh,
+    inverse_root,
+    matrix_power_from_eigh,
+)
+
+__all__ = ["MatrixFunctionError", "eigh", "inverse_root", "matrix_power_from_eigh"]

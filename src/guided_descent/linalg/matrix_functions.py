@@ -1,0 +1,105 @@
+"""Symmetric eigendecomposition that degrades gracefully, and inverse p-th roots built on it.
+
+Preconditioner factors (Shampoo's ``G Gᵀ`` statistics, K-FAC's activation covariances) are
+symmetric positive semi-definite in exact arithmetic but often singular, badly conditioned
+(κ up to 1e10 is routine) or, in bfloat16 training, slightly indefinite. ``torch.linalg.eigh`` can
+then fail to converge or, on some back-ends, return NaN. :func:`eigh` retries in float64 and then
+with a growing diagonal jitter; if everything fails it raises :class:`MatrixFunctionError`, which
+optimizers catch to keep their last good preconditioner. It never returns NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class MatrixFunctionError(RuntimeError):
+    """A matrix function could not produce a finite result (e.g. the input holds NaN/Inf)."""
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precisions lose too much for a decomposition: work in float32 at least.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _try_eigh(A: Tensor) -> tuple[Tensor, Tensor] | None:
+    try:
+        vals, vecs = torch.linalg.eigh(A)
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        return None
+    if not (torch.isfinite(vals).all() and torch.isfinite(vecs).all()):
+        return None
+    return vals, vecs
+
+
+def eigh(A: Tensor, *, jitter: float = 1e-10, attempts: int = 4) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric matrix (or batch) ``A``.
+
+    Tries, in order: the compute dtype (float32, or float64 for float64 input); float64; float64
+    with ``jitter * mean(|diag A|) * 10**k`` added to the diagonal for ``k = 0 .. attempts-1``.
+    Only the lower triangle is read, as in ``torch.linalg.eigh``; the input is symmetrized first so
+    that asymmetric rounding noise does not matter.
+
+    Returns tensors in the compute dtype. Raises :class:`MatrixFunctionError` when ``A`` holds
+    non-finite values or no attempt succeeds.
+    """
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"eigh needs square matrices (..., n, n), got shape {tuple(A.shape)}")
+    if not torch.isfinite(A).all():
+        raise MatrixFunctionError("eigh input holds NaN or Inf")
+    dtype = _compute_dtype(A.dtype)
+    A = A.to(dtype)
+    A = 0.5 * (A + A.mT)
+    out = _try_eigh(A)
+    if out is not None:
+        return out
+    A64 = A.double()
+    out = _try_eigh(A64)
+    if out is None:
+        n = A.shape[-1]
+        eye = torch.eye(n, dtype=torch.float64, device=A.device)
+        scale = A64.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)[..., None, None]
+        for k in range(attempts):
+            out = _try_eigh(A64 + (jitter * 10**k) * scale * eye)
+            if out is not None:
+                break
+    if out is None:
+        raise MatrixFunctionError(f"eigh failed after float64 and {attempts} jittered retries")
+    vals, vecs = out
+    return vals.to(dtype), vecs.to(dtype)
+
+
+def matrix_power_from_eigh(
+    vals: Tensor, vecs: Tensor, power: float, eps: float = 0.0, relative: bool = False
+) -> Tensor:
+    """``V diag((max(λ, 0) + ε)^power) Vᵀ``; with ``relative=True``, ε is scaled by λ_max.
+
+    Negative eigenvalues are rounding noise for a PSD factor and are clamped to 0 before the
+    damping ``ε`` is added, so a negative power stays finite whenever ``ε > 0``.
+    """
+    vals = vals.clamp_min(0.0)
+    if relative:
+        eps = eps * vals.amax(-1, keepdim=True).clamp_min(torch.finfo(vals.dtype).tiny)
+    d = (vals + eps).pow(power)
+    if not torch.isfinite(d).all():
+        raise MatrixFunctionError(
+            f"power {power} of an eigenvalue that is 0: pass eps > 0 (got eps={eps})"
+        )
+    return (vecs * d.unsqueeze(-2)) @ vecs.mT
+
+
+def inverse_root(A: Tensor, p: float, eps: float = 1e-12, *, relative: bool = False) -> Tensor:
+    """``(A + εI)^(-1/p)`` for a symmetric PSD matrix (or batch) ``A``, via :func:`eigh`.
+
+    ``eps`` is added to the (non-negatively clamped) eigenvalues; ``relative=True`` scales it by
+    the largest eigenvalue, which makes the damping invariant to the scale of ``A``. The result is
+    in float32 (float64 for float64 input). Raises :class:`MatrixFunctionError` instead of ever
+    returning NaN.
+    """
+    if p <= 0:
+        raise ValueError(f"inverse_root needs a positive root p, got {p!r}")
+    if eps < 0:
+        raise ValueError(f"inverse_root needs eps >= 0, got {eps!r}")
+    vals, vecs = eigh(A)
+    return matrix_power_from_eigh(vals, vecs, -1.0 / p, eps, relative)

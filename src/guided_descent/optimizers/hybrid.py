@@ -1,0 +1,145 @@
+"""One optimizer, two update rules: a matrix method for some param groups, AdamW for the rest.
+
+Muon, Shampoo and SOAP are built on :class:`HybridOptimizer`. Each param group carries an
+``"algorithm"`` key: the subclass's :attr:`~HybridOptimizer.ALGORITHM` (``"muon"``, ...) or
+``"adamw"``. Because both kinds are ordinary ``param_groups`` of one ``torch.optim.Optimizer``,
+learning-rate schedulers drive both (keeping their ratio), ``state_dict`` round-trips as usual,
+and training frameworks see a single optimizer.
+
+The AdamW groups are updated by torch's own functional ``torch.optim.adamw.adamw`` with torch's
+state names (``step``, ``exp_avg``, ``exp_avg_sq``), so they behave exactly like
+``torch.optim.AdamW``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adamw import adamw as torch_adamw
+
+from guided_descent.optimizers.validation import validate_hyperparams
+from guided_descent.routing import FALLBACK, route, split_by_ndim
+
+ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+def adamw_defaults(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> dict[str, Any]:
+    return {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+
+
+def build_groups(
+    target: nn.Module | Iterable[Any],
+    algorithm: str,
+    routing: Mapping[str, str] | None,
+    min_ndim: int = 2,
+) -> list[Any]:
+    """Param groups for a hybrid optimizer from a model (routed) or a parameter list."""
+    if isinstance(target, nn.Module):
+        return route(target, algorithm, routing).param_groups()
+    if routing:
+        raise ValueError("routing overrides need the model (they match parameter names)")
+    items = list(target)
+    if items and all(isinstance(p, Tensor) for p in items):
+        return split_by_ndim(items, algorithm, min_ndim)
+    return items
+
+
+class HybridOptimizer(torch.optim.Optimizer):
+    """Base class: the subclass's matrix update for its groups, torch's AdamW for ``"adamw"``.
+
+    Subclasses set :attr:`ALGORITHM` and implement :meth:`matrix_step`. Groups given without an
+    ``"algorithm"`` key are split by dimension: ``MIN_NDIM``-D and larger parameters go to the
+    matrix method, smaller ones to AdamW. AdamW groups take their missing hyper-parameters from
+    ``adamw`` (not from the matrix method's defaults).
+    """
+
+    ALGORITHM: ClassVar[str]
+    MIN_NDIM: ClassVar[int] = 2
+
+    def __init__(self, params: Any, defaults: dict[str, Any], adamw: dict[str, Any]) -> None:
+        validate_hyperparams(f"{self.ALGORITHM} (adamw groups)", adamw)
+        self._adamw_defaults = dict(adamw)
+        super().__init__(params, {**defaults, "algorithm": self.ALGORITHM})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        algorithm = group.get("algorithm")
+        if algorithm is None:
+            params = group.pop("params")
+            params = [params] if isinstance(params, Tensor) else list(params)
+            for part in split_by_ndim(params, self.ALGORITHM, self.MIN_NDIM):
+                self.add_param_group({**group, **part})
+            return
+        if algorithm == FALLBACK:
+            for key in ADAMW_KEYS:
+                group.setdefault(key, self._adamw_defaults[key])
+        elif algorithm != self.ALGORITHM:
+            raise ValueError(
+                f"param group algorithm must be {self.ALGORITHM!r} or {FALLBACK!r}, "
+                f"got {algorithm!r}"
+            )
+        else:
+            small = [tuple(p.shape) for p in group["params"] if p.dim() < self.MIN_NDIM]
+            if small:
+                raise ValueError(
+                    f"{self.ALGORITHM} needs parameters with >= {self.MIN_NDIM} dimensions; "
+                    f"got shapes {small} in a group marked {self.ALGORITHM!r} (send them to "
+                    f"{FALLBACK!r})"
+                )
+        validate_hyperparams(f"{self.ALGORITHM} ({algorithm} group)", group)
+        super().add_param_group(group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["algorithm"] == FALLBACK:
+                self._adamw_step(group)
+            else:
+                self.matrix_step(group)
+        return loss
+
+    def matrix_step(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        torch_adamw(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )

@@ -1,0 +1,132 @@
+"""eigh with fallback and inverse roots: random, ill-conditioned and rank-deficient inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from guided_descent.linalg import MatrixFunctionError, eigh, inverse_root
+from guided_descent.linalg import matrix_functions as eigh_module
+
+
+def spd(n: int, kappa: float, rank: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Q diag(λ) Qᵀ with λ log-spaced from 1 to 1/kappa (last n-rank set to 0), float64."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.logspace(0, -torch.log10(torch.tensor(kappa)).item(), n, dtype=torch.float64)
+    if rank is not None:
+        lam[rank:] = 0.0
+    return (q * lam) @ q.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kappa", [1.0, 1e4, 1e10])
+def test_eigh_reconstructs_and_is_finite(dtype, kappa):
+    A = spd(24, kappa).to(dtype)
+    vals, vecs = eigh(A)
+    assert vals.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(vals).all() and torch.isfinite(vecs).all()
+    recon = (vecs * vals) @ vecs.mT
+    ref = A.double()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    assert (recon.double() - ref).norm() <= tol * ref.norm() + 1e-12
+    eye = torch.eye(24, dtype=vecs.dtype)
+    torch.testing.assert_close(vecs.mT @ vecs, eye, atol=1e-5, rtol=0)
+
+
+def test_eigh_is_batched():
+    A = torch.stack([spd(8, 10.0, seed=s) for s in range(3)]).float()
+    vals, vecs = eigh(A)
+    assert vals.shape == (3, 8) and vecs.shape == (3, 8, 8)
+    for i in range(3):
+        torch.testing.assert_close(vals[i], torch.linalg.eigvalsh(A[i]), atol=1e-5, rtol=1e-5)
+
+
+def test_eigh_falls_back_to_float64_then_jitter(monkeypatch):
+    calls = []
+    real = torch.linalg.eigh
+
+    def flaky(A):
+        calls.append(A.dtype)
+        if len(calls) <= 2:  # float32 and plain float64 attempts fail
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(A)
+
+    monkeypatch.setattr(eigh_module.torch.linalg, "eigh", flaky)
+    A = spd(6, 100.0).float()
+    vals, vecs = eigh(A)
+    assert calls == [torch.float32, torch.float64, torch.float64]
+    assert vals.dtype == torch.float32 and torch.isfinite(vals).all()
+    torch.testing.assert_close((vecs * vals) @ vecs.mT, A, atol=1e-5, rtol=1e-4)
+
+
+def test_eigh_nan_output_counts_as_failure(monkeypatch):
+    real = torch.linalg.eigh
+    state = {"n": 0}
+
+    def nan_once(A):
+        state["n"] += 1
+        vals, vecs = real(A)
+        if state["n"] == 1:
+            return torch.full_like(vals, float("nan")), vecs
+        return vals, vecs
+
+    monkeypatch.setattr(eigh_module.torch.linalg, "eigh", nan_once)
+    vals, _ = eigh(spd(5, 10.0).float())
+    assert torch.isfinite(vals).all() and state["n"] == 2
+
+
+def test_eigh_raises_on_nonfinite_input_and_when_everything_fails(monkeypatch):
+    A = spd(4, 10.0)
+    A[0, 0] = float("nan")
+    with pytest.raises(MatrixFunctionError, match="NaN or Inf"):
+        eigh(A)
+
+    def broken(A):
+        raise torch.linalg.LinAlgError("no")
+
+    monkeypatch.setattr(eigh_module.torch.linalg, "eigh", broken)
+    with pytest.raises(MatrixFunctionError, match="failed"):
+        eigh(spd(4, 10.0))
+
+
+def test_eigh_rejects_non_square():
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        eigh(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_inverse_root_matches_dense_reference(p):
+    A = spd(16, 1e3)
+    X = inverse_root(A, p, eps=0.0)
+    # X^p A = I for an invertible A.
+    torch.testing.assert_close(torch.linalg.matrix_power(X, p) @ A, torch.eye(16, dtype=A.dtype),
+                               atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kappa, rank", [(1e10, None), (1e3, 5), (1.0, 0)])
+def test_inverse_root_is_finite_for_hard_inputs(dtype, kappa, rank):
+    A = spd(12, kappa, rank=rank).to(dtype)
+    X = inverse_root(A, 4, eps=1e-6)
+    assert X.dtype == torch.float32 and torch.isfinite(X).all()
+    # With damping eps, every eigenvalue of X is at most eps^(-1/4).
+    assert torch.linalg.eigvalsh(X.double()).max() <= (1e-6) ** -0.25 * (1 + 1e-3)
+
+
+def test_inverse_root_relative_eps_is_scale_invariant():
+    A = spd(10, 1e6)
+    X1 = inverse_root(A, 2, eps=1e-4, relative=True)
+    X2 = inverse_root(1e6 * A, 2, eps=1e-4, relative=True)
+    torch.testing.assert_close(X1, X2 * 1e3, rtol=1e-9, atol=1e-12)
+
+
+def test_inverse_root_of_zero_without_eps_is_an_error_not_nan():
+    with pytest.raises(MatrixFunctionError):
+        inverse_root(torch.zeros(3, 3), 2, eps=0.0)
+
+
+@pytest.mark.parametrize("p, eps", [(0, 1e-6), (-2, 1e-6), (2, -1.0)])
+def test_inverse_root_validates(p, eps):
+    with pytest.raises(ValueError):
+        inverse_root(torch.eye(2), p, eps=eps)
