@@ -24,6 +24,7 @@ from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.routing import FALLBACK, route, split_by_ndim
 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+_ADAMW_GROUP_KEYS = {*ADAMW_KEYS, "params", "algorithm"}
 
 
 def adamw_defaults(
@@ -93,6 +94,12 @@ class HybridOptimizer(torch.optim.Optimizer):
                 )
         validate_hyperparams(f"{self.ALGORITHM} ({algorithm} group)", group)
         super().add_param_group(group)
+        if algorithm == FALLBACK:
+            # torch fills every default of the matrix method into each group; an AdamW group
+            # needs none of them, and leaving them would clutter its state_dict.
+            added = self.param_groups[-1]
+            for key in [k for k in added if k in self.defaults and k not in _ADAMW_GROUP_KEYS]:
+                del added[key]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -1,0 +1,256 @@
+"""Muon: momentum orthogonalized by Newton–Schulz, for hidden matrices; AdamW for the rest.
+
+Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"
+(kellerjordan.github.io/posts/muon). The update rule lives in
+:mod:`guided_descent.preconditioners.orthogonalize`; this module is the ``torch.optim`` shell and
+the registry entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from guided_descent.linalg.newton_schulz import JORDAN, Coefficients, coefficient_schedule
+from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, build_groups
+from guided_descent.optimizers.registry import OptimizerSpec, register
+from guided_descent.optimizers.validation import validate_hyperparams
+from guided_descent.preconditioners.orthogonalize import (
+    ADJUST_LR,
+    MATRIX_VIEWS,
+    AdjustLR,
+    MatrixView,
+    muon_update,
+)
+
+DEFAULT_LR = 0.02
+DEFAULT_MOMENTUM = 0.95
+DEFAULT_ADAMW_LR = 3e-4
+DEFAULT_ADAMW_BETAS = (0.9, 0.95)
+
+
+def _normalized_coefficients(
+    value: Coefficients | Sequence[Coefficients], steps: int
+) -> Coefficients | tuple[Coefficients, ...]:
+    """Validate against ``steps`` and return plain float tuples (what ``state_dict`` saves)."""
+    schedule = coefficient_schedule(value, steps)
+    if len(value) == 3 and not isinstance(value[0], Sequence):
+        return schedule[0]
+    return schedule
+
+
+def _check_muon_options(owner: str, group: Mapping[str, Any]) -> None:
+    """Range checks for the Muon-only keys of a param group (shared keys: ``validation``)."""
+    if "ns_steps" in group:
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{owner}: ns_steps must be an integer >= 1, got {steps!r}")
+        if "ns_coefficients" in group:
+            try:
+                coefficient_schedule(group["ns_coefficients"], steps)
+            except ValueError as err:
+                raise ValueError(f"{owner}: {err}") from None
+    if "adjust_lr" in group and group["adjust_lr"] not in ADJUST_LR:
+        raise ValueError(
+            f"{owner}: adjust_lr must be one of {ADJUST_LR}, got {group['adjust_lr']!r}"
+        )
+    if "matrix_view" in group and group["matrix_view"] not in MATRIX_VIEWS:
+        raise ValueError(
+            f"{owner}: matrix_view must be one of {MATRIX_VIEWS}, got {group['matrix_view']!r}"
+        )
+    if "nesterov" in group and not isinstance(group["nesterov"], bool):
+        raise ValueError(f"{owner}: nesterov must be a bool, got {group['nesterov']!r}")
+    dtype = group.get("ns_dtype")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{owner}: ns_dtype must be None or a floating torch.dtype, got {dtype!r}")
+
+
+class Muon(HybridOptimizer):
+    """Muon (MomentUm Orthogonalized by Newton–Schulz), Jordan et al. 2024, with AdamW alongside.
+
+    Update, per matrix ``W`` (m x n) of a ``"muon"`` group, gradient ``g``, buffer ``M``::
+
+        M = mu * M + (1 - mu) * g
+        D = (1 - mu) * g + mu * M   (nesterov)   or   M
+        W = W * (1 - lr * weight_decay)
+        W = W - lr * scale(m, n) * NS(D)           # NS(D) ≈ U Vᵀ for D = U Σ Vᵀ
+
+    ``NS`` is ``ns_steps`` quintic Newton–Schulz iterations
+    (:func:`guided_descent.linalg.newton_schulz.newton_schulz`); ``scale`` is set by ``adjust_lr``.
+    Groups tagged ``algorithm="adamw"`` (embeddings, output head, norms, biases: see
+    :mod:`guided_descent.routing`) are stepped by ``torch.optim``'s AdamW with their own ``lr``,
+    ``betas``, ``eps`` and ``weight_decay``. Groups without a tag are split by dimension
+    (>= 2-D to Muon).
+
+    Args:
+        params: parameters or param-group dicts (optionally tagged ``"algorithm"``).
+        lr: Muon's learning rate. Default 0.02, right for ``adjust_lr="original"``; with
+            ``"match_rms_adamw"`` use an AdamW learning rate.
+        momentum: ``mu``, the EMA coefficient of the buffer, in [0, 1). Default 0.95.
+        nesterov: orthogonalize the look-ahead ``D`` rather than ``M``. Default True.
+        ns_steps: Newton–Schulz iterations. Default 5.
+        ns_coefficients: one ``(a, b, c)`` triple for every iteration (default
+            :data:`~guided_descent.linalg.newton_schulz.JORDAN`) or one triple per iteration
+            (e.g. :data:`~guided_descent.linalg.newton_schulz.POLAR_EXPRESS`).
+        weight_decay: decoupled weight decay, multiplied by ``lr`` (not by the shape scale).
+            Default 0.
+        adjust_lr: ``"original"``, ``scale = sqrt(max(1, m/n))`` (default), or
+            ``"match_rms_adamw"``, ``scale = 0.2 * sqrt(max(m, n))`` (Liu et al. 2025,
+            arXiv 2502.16982) so that AdamW's ``lr`` and ``weight_decay`` carry over.
+        matrix_view: how a 3-D+ parameter is seen as matrices: ``"flatten"`` (default; a
+            convolution kernel ``(out, in, *k)`` is one ``(out, in·prod(k))`` matrix) or
+            ``"batch"`` (``(..., m, n)`` is a stack of matrices, each orthogonalized alone). Set it
+            per param group when a model has both kinds.
+        ns_dtype: Newton–Schulz compute dtype; ``None``: bfloat16 on CUDA, float32 elsewhere.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups
+            (3e-4, (0.9, 0.95), 1e-8, 0).
+
+    State per Muon parameter: ``momentum_buffer`` (its shape and dtype). AdamW parameters:
+    ``step``, ``exp_avg``, ``exp_avg_sq`` as in ``torch.optim.AdamW``.
+    """
+
+    ALGORITHM = "muon"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = DEFAULT_LR,
+        momentum: float = DEFAULT_MOMENTUM,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_coefficients: Coefficients | Sequence[Coefficients] = JORDAN,
+        weight_decay: float = 0.0,
+        adjust_lr: AdjustLR = "original",
+        matrix_view: MatrixView = "flatten",
+        ns_dtype: torch.dtype | None = None,
+        *,
+        adamw_lr: float = DEFAULT_ADAMW_LR,
+        adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients,
+            weight_decay=weight_decay,
+            adjust_lr=adjust_lr,
+            matrix_view=matrix_view,
+            ns_dtype=ns_dtype,
+        )
+        validate_hyperparams("muon", defaults)
+        _check_muon_options("muon", defaults)
+        defaults["ns_coefficients"] = _normalized_coefficients(ns_coefficients, ns_steps)
+        adamw = adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+        super().__init__(params, defaults, adamw)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Check before torch appends the group; a group's keys fall back to the defaults, so a
+        # group that overrides only ns_steps is checked against the default coefficients.
+        merged = {**self.defaults, **param_group}
+        _check_muon_options(f"muon (param group {len(self.param_groups)})", merged)
+        if "ns_coefficients" in param_group or "ns_steps" in param_group:
+            coefficients = _normalized_coefficients(merged["ns_coefficients"], merged["ns_steps"])
+            param_group = {**param_group, "ns_coefficients": coefficients}
+        super().add_param_group(param_group)
+
+    def matrix_step(self, group: dict[str, Any]) -> None:
+        params, grads, buffers = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError("Muon does not support complex parameters")
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            buffers.append(state["momentum_buffer"])
+        if not params:
+            return
+        muon_update(
+            params,
+            grads,
+            buffers,
+            lr=float(group["lr"]),
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            adjust_lr=group["adjust_lr"],
+            matrix_view=group["matrix_view"],
+            ns_steps=group["ns_steps"],
+            ns_coefficients=group["ns_coefficients"],
+            ns_dtype=group["ns_dtype"],
+        )
+
+
+def muon(
+    target: nn.Module | Iterable[Any],
+    *,
+    lr: float = DEFAULT_LR,
+    momentum: float = DEFAULT_MOMENTUM,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_coefficients: Coefficients | Sequence[Coefficients] = JORDAN,
+    weight_decay: float = 0.0,
+    adjust_lr: AdjustLR = "original",
+    matrix_view: MatrixView = "flatten",
+    ns_dtype: torch.dtype | None = None,
+    adamw_lr: float = DEFAULT_ADAMW_LR,
+    adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
+    adamw_eps: float = 1e-8,
+    adamw_weight_decay: float = 0.0,
+    routing: Mapping[str, str] | None = None,
+) -> Muon:
+    """A :class:`Muon` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
+
+    Given an ``nn.Module``, hidden ``Linear``/``Conv`` weights go to Muon and everything else to
+    AdamW; ``routing`` maps ``fnmatch`` patterns on parameter names to ``"muon"`` or ``"adamw"``
+    to override that. Given a list of parameters, >= 2-D ones go to Muon; param-group dicts are
+    passed through. The other arguments are :class:`Muon`'s.
+    """
+    groups = build_groups(target, Muon.ALGORITHM, routing)
+    return Muon(
+        groups,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        ns_steps=ns_steps,
+        ns_coefficients=ns_coefficients,
+        weight_decay=weight_decay,
+        adjust_lr=adjust_lr,
+        matrix_view=matrix_view,
+        ns_dtype=ns_dtype,
+        adamw_lr=adamw_lr,
+        adamw_betas=adamw_betas,
+        adamw_eps=adamw_eps,
+        adamw_weight_decay=adamw_weight_decay,
+    )
+
+
+SPEC = register(
+    OptimizerSpec(
+        name="muon",
+        family="layer-wise",
+        rule="M = EMA(g); p -= lr * scale(m,n) * NS(g + mu*(M - g)), NS(UΣVᵀ) ≈ UVᵀ",
+        state="1x (momentum) + AdamW 2x for routed-out params",
+        state_buffers=1.0,
+        reference="Jordan et al. 2024 (kellerjordan.github.io/posts/muon)",
+        factory=muon,
+        defaults=dict(
+            lr=DEFAULT_LR,
+            momentum=DEFAULT_MOMENTUM,
+            adamw_lr=DEFAULT_ADAMW_LR,
+            adamw_betas=DEFAULT_ADAMW_BETAS,
+        ),
+        routes=True,
+    )
+)

@@ -1,0 +1,1 @@
+"""Matrix-shaped update rules as free functions of tensors (Muon, Shampoo, SOAP, K-FAC)."""

@@ -1,0 +1,263 @@
+"""newton_schulz against exact references: a float64 SVD and its polynomial in the singular values.
+
+In exact arithmetic one step maps ``X = U Σ Vᵀ`` to ``U p(Σ) Vᵀ`` with ``p(x) = a x + b x³ + c x⁵``;
+after normalizing by ``‖G‖_F`` and ``k`` steps, ``NS(G) = U F(Σ/‖G‖_F) Vᵀ`` where ``F`` is the
+k-fold composition. So the reference for every input is ``U diag(F(s)) Vᵀ`` built from a float64
+SVD, and ``F`` itself is a float64 scalar function that the tests can evaluate anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guided_descent.linalg.newton_schulz import (
+    _POLAR_EXPRESS_RAW,
+    JORDAN,
+    POLAR_EXPRESS,
+    coefficient_schedule,
+    newton_schulz,
+)
+
+# Jordan's quintic, 5 steps, float64 (test_jordan_scalar_map_thresholds checks these numbers):
+# F(x) >= 0.5 for every x >= 1.07e-3 and F(x) <= 1.2024 on all of [0, 1].
+JORDAN_THRESHOLD = 1.07e-3
+JORDAN_MAX = 1.2024
+
+
+def composed(x: torch.Tensor, schedule) -> torch.Tensor:
+    """The scalar map F of a coefficient schedule, applied elementwise in x's dtype."""
+    for a, b, c in schedule:
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+def with_spectrum(m: int, n: int, sv: torch.Tensor, seed: int) -> torch.Tensor:
+    """A float64 (m, n) matrix with singular values ``sv`` and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return (U * sv) @ V.mT
+
+
+def spectrum(kind: str, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "kappa1e2":
+        return torch.logspace(0, -2, k, dtype=torch.float64)
+    if kind == "kappa1e10":
+        return torch.logspace(0, -10, k, dtype=torch.float64)
+    if kind == "rank-deficient":  # half the singular values exactly 0
+        r = k // 2
+        return torch.cat([0.1 + torch.rand(r, generator=g, dtype=torch.float64),
+                          torch.zeros(k - r, dtype=torch.float64)])
+    raise ValueError(kind)
+
+
+def make_input(kind: str, m: int, n: int, seed: int) -> torch.Tensor:
+    if kind == "gaussian":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(m, n, generator=g, dtype=torch.float64)
+    return with_spectrum(m, n, spectrum(kind, min(m, n), seed), seed)
+
+
+def polynomial_reference(G: torch.Tensor, schedule) -> tuple[torch.Tensor, ...]:
+    """(U diag(F(s)) Vᵀ, U, s, Vh) in float64, s = σ/‖G‖_F, for G as given (its dtype's values)."""
+    G = G.double()
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    s = S / torch.linalg.matrix_norm(G)
+    return (U * composed(s, schedule)) @ Vh, U, s, Vh
+
+
+def gains(O: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
+    """uᵢᵀ O vᵢ: what NS did to the i-th singular direction of the input."""
+    return (U.mT @ O.double() @ Vh.mT).diagonal()
+
+
+SHAPES = [(48, 24), (24, 72), (32, 32)]  # tall, wide, square
+KINDS = ["gaussian", "kappa1e2", "kappa1e10", "rank-deficient"]
+
+
+def test_jordan_scalar_map_thresholds():
+    # Where the band of the matrix tests comes from: F on a fine log grid, in float64.
+    F = lambda x: composed(x, [JORDAN] * 5)  # noqa: E731
+    x = torch.logspace(-6, 0, 200_001, dtype=torch.float64)
+    y = F(x)
+    assert y.max() <= JORDAN_MAX
+    assert y[x >= JORDAN_THRESHOLD].min() >= 0.5
+    assert F(torch.tensor(1e-3, dtype=torch.float64)) < 0.5  # 0.47: just below the band
+    # The slope at 0 is a⁵ = 3.4445⁵ ≈ 487: tiny directions are amplified, not zeroed.
+    assert F(torch.tensor(1e-6, dtype=torch.float64)) / 1e-6 == pytest.approx(3.4445**5, rel=1e-6)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_compute_equals_the_polynomial_of_the_singular_values(shape, kind, input_dtype):
+    G = make_input(kind, *shape, seed=1).to(input_dtype)
+    O = newton_schulz(G)  # float32 on CPU
+    assert O.dtype == torch.float32 and O.shape == G.shape
+    assert torch.isfinite(O).all()
+    # The reference is built from G's own values (a bf16 input is already rounded).
+    ref, U, s, Vh = polynomial_reference(G, [JORDAN] * 5)
+    # Float32 rounding, amplified at most ~a⁵ ≈ 487 in the smallest directions; measured <= 1.7e-5
+    # over 20 seeds of these shapes and spectra, including κ = 1e10 and exact zeros.
+    assert torch.linalg.matrix_norm(O.double() - ref, ord=2) <= 1e-4
+    # Hence: every direction with s >= 1.07e-3 is in [0.5, 1.5] (in fact in [0.5, 1.2024]).
+    d = gains(O, U, Vh)
+    big = s >= JORDAN_THRESHOLD
+    assert big.any()
+    assert d[big].min() >= 0.5 and d[big].max() <= 1.5
+    # No direction, however small, is pushed past F's maximum.
+    assert torch.linalg.matrix_norm(O.double(), ord=2) <= JORDAN_MAX + 1e-4
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bfloat16_compute_keeps_the_band(shape, kind, input_dtype):
+    G = make_input(kind, *shape, seed=2).to(input_dtype)
+    O = newton_schulz(G, dtype=torch.bfloat16)
+    assert O.dtype == torch.bfloat16 and torch.isfinite(O).all()
+    _, U, s, Vh = polynomial_reference(G, [JORDAN] * 5)
+    d = gains(O, U, Vh)
+    # bf16 keeps 8 mantissa bits (u = 2^-8): each gain is F(s) up to an error measured <= 0.11.
+    # Near the threshold F is still steep, so the band is promised from s >= 1.5e-3
+    # (F(1.5e-3) = 0.68); below it, and in the null space of a rank-deficient G, rounding noise of
+    # size ~u/sqrt(n) is amplified ~487x, so those directions may reach ~0.5 instead of ~0.
+    big = s >= 1.5e-3
+    assert d[big].min() >= 0.5 and d[big].max() <= 1.5
+    assert (d[big] - composed(s[big], [JORDAN] * 5)).abs().max() <= 0.15
+    assert torch.linalg.matrix_norm(O.double(), ord=2) <= 1.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["gaussian", "kappa1e1"])
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_close_to_the_exact_polar_factor_when_well_conditioned(shape, kind, dtype):
+    if kind == "gaussian":  # rectangular Gaussian: σ_max/σ_min ≈ 6 for aspect ratio 2 or 3
+        G = make_input("gaussian", *shape, seed=3)
+    else:
+        G = with_spectrum(*shape, torch.logspace(0, -1, min(shape), dtype=torch.float64), seed=3)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh
+    for coefficients, floor in ((JORDAN, 0.95), (POLAR_EXPRESS, 0.99)):
+        O = newton_schulz(G.float(), 5, coefficients, dtype=dtype).double()
+        cosine = (O * polar).sum() / (O.norm() * polar.norm())
+        assert cosine >= floor, (coefficients, cosine.item())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    m=st.integers(1, 12),
+    n=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_batched_equals_per_matrix(batch, m, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(*batch, m, n, generator=g)
+    out = newton_schulz(G)
+    assert out.shape == G.shape and torch.isfinite(out).all()
+    flat, per = out.reshape(-1, m, n), G.reshape(-1, m, n)
+    for i in range(per.shape[0]):
+        # Every matrix of a batch is normalized and iterated on its own; equal on this build,
+        # allowed a float32 rounding of slack in case a BLAS blocks batches differently.
+        torch.testing.assert_close(flat[i], newton_schulz(per[i]), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 16), n=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_tall_is_the_transpose_of_wide(m, n, seed):
+    G = torch.randn(m, n, generator=torch.Generator().manual_seed(seed))
+    if m == n:  # no transposition happens: X Xᵀ vs Xᵀ X differ only by rounding
+        torch.testing.assert_close(newton_schulz(G.mT), newton_schulz(G).mT, rtol=1e-5, atol=1e-5)
+    else:  # the same arithmetic on the same short side
+        assert torch.equal(newton_schulz(G.mT), newton_schulz(G).mT)
+
+
+def test_zero_and_empty_matrices():
+    assert torch.equal(newton_schulz(torch.zeros(3, 5)), torch.zeros(3, 5))
+    assert newton_schulz(torch.zeros(2, 0, 4)).shape == (2, 0, 4)
+
+
+def test_compute_dtype_defaults_and_override():
+    G = torch.randn(6, 4, dtype=torch.bfloat16)
+    assert newton_schulz(G).dtype == torch.float32  # CPU default: float32
+    assert newton_schulz(G.double()).dtype == torch.float32
+    assert newton_schulz(G, dtype=torch.float64).dtype == torch.float64
+    assert newton_schulz(G.float(), dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_a_schedule_is_one_triple_per_step():
+    G = torch.randn(8, 5, dtype=torch.float64)
+    same = newton_schulz(G, 3, JORDAN, dtype=torch.float64)
+    assert torch.equal(newton_schulz(G, 3, [JORDAN] * 3, dtype=torch.float64), same)
+    # Steps are applied in order: a two-step schedule is the composition of the two one-steps.
+    t1, t2 = POLAR_EXPRESS[0], POLAR_EXPRESS[1]
+    two = newton_schulz(G, 2, [t1, t2], dtype=torch.float64)
+    ref, *_ = polynomial_reference(G, [t1, t2])
+    torch.testing.assert_close(two, ref, rtol=0, atol=1e-12)
+
+
+def test_polar_express_transcription_is_the_minimax_composition():
+    # Without the safety factor, the five Polar Express polynomials compose to the best
+    # approximation of 1 on [1e-3, 1]: the error equioscillates, 1 - F(1e-3) = max F - 1 (0.12356).
+    # A mistyped digit breaks this balance.
+    F = lambda x: composed(x, _POLAR_EXPRESS_RAW)  # noqa: E731
+    x = torch.linspace(1e-3, 1.0, 2_000_001, dtype=torch.float64)
+    y = F(x)
+    low, high = y.min().item(), y.max().item()
+    assert low == pytest.approx(F(torch.tensor(1e-3, dtype=torch.float64)).item(), abs=1e-15)
+    assert 1.0 - low == pytest.approx(0.12356, abs=1e-5)
+    assert abs((1.0 - low) - (high - 1.0)) <= 1e-9
+
+
+def test_polar_express_equals_algorithm_1_of_the_paper():
+    # Amsel et al. 2025, Algorithm 1, restated in float64: X = G / (1.01 ‖G‖_F), then each raw
+    # polynomial evaluated at X/1.01. Our constant folds both 1.01s into the coefficients.
+    G = make_input("kappa1e2", 20, 36, seed=5) * 7.0
+    X = G / (1.01 * torch.linalg.matrix_norm(G))
+    for a, b, c in _POLAR_EXPRESS_RAW:
+        Y = X / 1.01
+        A = Y @ Y.mT
+        X = a * Y + (b * A + c * A @ A) @ Y
+    ours = newton_schulz(G, 5, POLAR_EXPRESS, dtype=torch.float64, eps=1e-300)
+    torch.testing.assert_close(ours, X, rtol=0, atol=1e-12)
+    # And what it buys: every direction with s >= 1e-3 ends within 1 ± 0.17 (Jordan: [0.47, 1.2]).
+    _, U, s, Vh = polynomial_reference(G, POLAR_EXPRESS)
+    d = gains(ours, U, Vh)
+    assert d.min() >= 0.83 and d.max() <= 1.13
+    y = composed(torch.logspace(-3, 0, 100_001, dtype=torch.float64), POLAR_EXPRESS)
+    assert y.min() >= 0.84 and y.max() <= 1.124
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: newton_schulz(torch.randn(4)), r"\(4,\)"),
+        (lambda: newton_schulz(torch.ones(3, 3, dtype=torch.int64)), "int64"),
+        (lambda: newton_schulz(torch.randn(3, 3), steps=0), "steps.*0"),
+        (lambda: newton_schulz(torch.randn(3, 3), steps=2.5), "steps.*2.5"),
+        (lambda: newton_schulz(torch.randn(3, 3), coefficients=(1.0, 2.0)), r"\(1.0, 2.0\)"),
+        (lambda: newton_schulz(torch.randn(3, 3), coefficients=(1.0, math.nan, 0.0)), "nan"),
+        (lambda: newton_schulz(torch.randn(3, 3), steps=3, coefficients=[JORDAN] * 2),
+         "2 triples but steps=3"),
+        (lambda: newton_schulz(torch.randn(3, 3), steps=2, coefficients=[JORDAN, (1, 2)]),
+         r"coefficients\[1\].*\(1, 2\)"),
+        (lambda: newton_schulz(torch.randn(3, 3), eps=0.0), "eps.*0.0"),
+        (lambda: newton_schulz(torch.randn(3, 3), dtype=torch.int32), "int32"),
+    ],
+)
+def test_invalid_inputs_raise_naming_the_value(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_coefficient_schedule_normalizes_to_float_triples():
+    assert coefficient_schedule((3, -4, 2), 2) == ((3.0, -4.0, 2.0),) * 2
+    assert coefficient_schedule(POLAR_EXPRESS, 5) == POLAR_EXPRESS
