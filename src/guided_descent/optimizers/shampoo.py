@@ -1,0 +1,466 @@
+"""Shampoo with Adam grafting, blocking and a diagonal fallback; AdamW for routed-out parameters.
+
+Gupta, Koren & Singer 2018, "Shampoo: Preconditioned Stochastic Tensor Optimization",
+arXiv 1802.09568; Anil et al. 2020, "Scalable Second Order Optimization for Deep Learning",
+arXiv 2002.09018 (grafting, blocking, delayed preconditioning). The preconditioner's math lives in
+:mod:`guided_descent.preconditioners.shampoo`; this module is the ``torch.optim`` shell and the
+registry entry.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, build_groups
+from guided_descent.optimizers.registry import OptimizerSpec, register
+from guided_descent.optimizers.validation import validate_hyperparams
+from guided_descent.preconditioners.kronecker import compute_dtype, factor_name
+from guided_descent.preconditioners.shampoo import (
+    ShampooLayout,
+    accumulate_factors_,
+    identity_roots,
+    inverse_roots,
+    new_factors,
+    precondition_block,
+    shampoo_layout,
+)
+from guided_descent.transforms.grafting import (
+    Grafting,
+    accumulate_squares_,
+    check_grafting,
+    diagonal_update,
+    graft,
+)
+
+PREFIX = "shampoo"
+
+
+# --- pieces shared with SOAP's shell (candidates for HybridOptimizer) ---------------------------
+
+
+def descend_(p: Tensor, update: Tensor, lr: float, weight_decay: float) -> None:
+    """``p = p (1 - lr wd) - lr update`` in place, rounding to ``p``'s dtype once.
+
+    ``update`` is float32 (float64); a bfloat16 parameter is updated in float32 and rounded at the
+    end, so that small steps are not lost to two roundings.
+    """
+    if p.dtype == update.dtype:
+        if weight_decay != 0.0:
+            p.mul_(1.0 - lr * weight_decay)
+        p.add_(update, alpha=-lr)
+        return
+    new = p.to(update.dtype)
+    if weight_decay != 0.0:
+        new.mul_(1.0 - lr * weight_decay)
+    p.copy_(new.add_(update, alpha=-lr))
+
+
+def _in_dtype(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """A copy of ``value`` with every floating tensor (also inside lists) in ``dtype``."""
+    if isinstance(value, Tensor):
+        target = dtype if value.is_floating_point() else value.dtype
+        return value.to(device=device, dtype=target, copy=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_in_dtype(v, dtype, device) for v in value)
+    return value
+
+
+def restore_state_dtypes(
+    optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], algorithm: str
+) -> None:
+    """Undo ``torch.optim``'s cast of loaded state to the parameter dtype, for ``algorithm`` groups.
+
+    ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's dtype.
+    Preconditioner statistics are float32 by design even for bfloat16 parameters
+    (``kronecker.compute_dtype``); cast to bfloat16 they would lose what they keep, and a resumed
+    run would drift from the uninterrupted one. So they are taken again from the saved values, in
+    the compute dtype. ``step`` and AdamW groups keep torch's semantics.
+    """
+    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    groups = optimizer.param_groups
+    for saved_id, (p, group) in zip(
+        saved_ids, ((p, g) for g in groups for p in g["params"]), strict=True
+    ):
+        if group.get("algorithm") != algorithm or saved_id not in state_dict["state"]:
+            continue
+        state = optimizer.state[p]
+        dtype = compute_dtype(p.dtype)
+        for key, value in state_dict["state"][saved_id].items():
+            if key != "step":
+                state[key] = _in_dtype(value, dtype, p.device)
+
+
+def warn_failure(
+    owner: str, state: dict[str, Any], key: str, shape: tuple[int, ...], what: str
+) -> None:
+    """Count a failed matrix function in ``state[key]``; warn the first time for this parameter."""
+    if state[key] == 0:
+        warnings.warn(
+            f"{owner}: {what} failed for the parameter of shape {shape}; keeping its previous "
+            f"preconditioner (warned once per parameter; failures are counted in state[{key!r}])",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+    state[key] += 1
+
+
+# --- Shampoo ------------------------------------------------------------------------------------
+
+
+def _check_int(owner: str, group: Mapping[str, Any], key: str, minimum: int) -> None:
+    if key in group:
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{owner}: {key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_shampoo_options(owner: str, group: Mapping[str, Any]) -> None:
+    """Range checks for Shampoo-only keys (shared keys are checked by ``validation``)."""
+    for key in (
+        "precondition_frequency",
+        "start_preconditioning_step",
+        "max_preconditioner_dim",
+        "max_factor_dim",
+    ):
+        _check_int(owner, group, key, 1)
+    if "epsilon" in group:
+        value = group["epsilon"]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not 0.0 < value < float("inf"):
+            raise ValueError(
+                f"{owner}: epsilon (inverse-root damping) must be a finite number > 0, "
+                f"got {value!r}"
+            )
+    if "grafting" in group:
+        check_grafting(owner, group["grafting"])
+    if "nesterov" in group and not isinstance(group["nesterov"], bool):
+        raise ValueError(f"{owner}: nesterov must be a bool, got {group['nesterov']!r}")
+    if group.get("nesterov") and group.get("momentum", 0.0) == 0.0:
+        raise ValueError(f"{owner}: nesterov=True needs momentum > 0, got momentum=0")
+
+
+class Shampoo(HybridOptimizer):
+    """Shampoo (Gupta et al. 2018; Anil et al. 2020) with AdamW for groups tagged ``"adamw"``.
+
+    Update of a parameter ``W`` of a ``"shampoo"`` group at step ``t``, gradient ``G``, everything
+    computed in float32 (float64 for float64 parameters)::
+
+        m = beta1 m + (1 - beta1) G;   M = m / (1 - beta1^t)          first moment
+        s = beta2 s + (1 - beta2) G²   (AdaGrad: s = s + G²)           diagonal accumulator
+        A = M / (sqrt(s / (1 - beta2^t)) + eps)                         the graft's (Adam's) step
+        per block B (of size <= max_preconditioner_dim per dimension), order k:
+            F_i = beta2 F_i + (1 - beta2) G_(i) G_(i)ᵀ                   per dimension i
+            if t >= start and (t - start) % precondition_frequency == 0:
+                P_i = (F_i / (1 - beta2^t) + epsilon I)^(-1/(2k))
+            D_B = M_B ×_0 P_0 ... ×_{k-1} P_{k-1}                        (matrix: P_L M_B P_R)
+            U_B = D_B * ||A_B|| / ||D_B||                               Adam grafting
+        U = A where t < start, or for blocks without a Kronecker preconditioner (vectors,
+            scalars: the diagonal fallback; see :mod:`guided_descent.preconditioners.shampoo`)
+        b = momentum b + U;  U = U + momentum b (nesterov) or b          (if momentum > 0)
+        W = W (1 - lr weight_decay) - lr U
+
+    Args:
+        params: parameters or param-group dicts (optionally tagged ``"algorithm"``). Untagged
+            groups stay on Shampoo whatever their rank (``MIN_NDIM = 0``): it handles vectors and
+            scalars itself. Use :func:`shampoo` on a model to route embeddings, the head, norms
+            and biases to AdamW.
+        lr: learning rate. With Adam grafting the step has Adam's size, so Adam's learning rates
+            apply. Default 1e-3.
+        betas: ``(beta1, beta2)``: the first moment's EMA; the EMA of the factors and of the Adam
+            graft's squared gradients. Default (0.9, 0.999).
+        eps: the graft's denominator term (Adam's ``eps``). Default 1e-8.
+        weight_decay: decoupled weight decay, multiplied by ``lr``. Default 0.
+        epsilon: damping added to the factors' eigenvalues before the inverse root. Default 1e-12.
+        momentum: heavy-ball momentum on the grafted update, in [0, 1). Default 0 (the first
+            moment already averages).
+        nesterov: Nesterov's look-ahead form of that momentum. Default False.
+        precondition_frequency: steps between inverse-root refreshes. Default 10.
+        start_preconditioning_step: first step that uses the Shampoo direction; earlier steps
+            take the graft's update (the factors accumulate from step 1). Default 1.
+        max_preconditioner_dim: dimensions longer than this are cut into blocks. Default 1024.
+        max_factor_dim: dimensions longer than this get a diagonal factor instead. Default 4096.
+        grafting: ``"adam"`` (default), ``"adagrad"`` or ``"none"`` (the raw Shampoo direction;
+            vectors and early steps still take Adam's update).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: hyper-parameters of the AdamW groups;
+            ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
+
+    State per Shampoo parameter (float32, or float64): ``step``; ``shampoo.exp_avg`` (``m``);
+    ``shampoo.graft_sq`` (``s``); ``shampoo.momentum_buffer`` (when momentum > 0); per dimension
+    ``shampoo.L``/``shampoo.R`` (matrices) or ``shampoo.dim{i}``: a list with one factor per
+    block (``(n, n)``, ``(n,)`` for a diagonal factor, ``None`` for none) and
+    ``shampoo.L.inv_root`` etc. the matching roots; ``shampoo.failures``: inverse roots that failed
+    (the previous root is kept and one warning is issued per parameter).
+    """
+
+    ALGORITHM = "shampoo"
+    MIN_NDIM = 0
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        epsilon: float = 1e-12,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        precondition_frequency: int = 10,
+        start_preconditioning_step: int = 1,
+        max_preconditioner_dim: int = 1024,
+        max_factor_dim: int = 4096,
+        grafting: Grafting = "adam",
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] | None = None,
+        adamw_eps: float | None = None,
+        adamw_weight_decay: float | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            epsilon=epsilon,
+            momentum=momentum,
+            nesterov=nesterov,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            max_preconditioner_dim=max_preconditioner_dim,
+            max_factor_dim=max_factor_dim,
+            grafting=grafting,
+        )
+        validate_hyperparams(PREFIX, defaults)
+        _check_shampoo_options(PREFIX, defaults)
+        adamw = adamw_defaults(
+            lr if adamw_lr is None else adamw_lr,
+            betas if adamw_betas is None else adamw_betas,
+            eps if adamw_eps is None else adamw_eps,
+            weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+        )
+        super().__init__(params, defaults, adamw)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("algorithm", self.ALGORITHM) == self.ALGORITHM:
+            merged = {**self.defaults, **param_group}
+            _check_shampoo_options(f"{PREFIX} (param group {len(self.param_groups)})", merged)
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict, self.ALGORITHM)
+
+    def _layout(self, p: Tensor, group: Mapping[str, Any]) -> ShampooLayout:
+        return shampoo_layout(
+            tuple(p.shape), group["max_preconditioner_dim"], group["max_factor_dim"]
+        )
+
+    def _init_state(self, state: dict[str, Any], p: Tensor, layout: ShampooLayout) -> None:
+        dtype = compute_dtype(p.dtype)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state[f"{PREFIX}.exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state[f"{PREFIX}.graft_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state[f"{PREFIX}.failures"] = 0
+        if not layout.preconditioned:
+            return
+        per_block = [
+            new_factors(b, dtype, p.device) if b.preconditioned else [None] * p.dim()
+            for b in layout.blocks
+        ]
+        for dim in range(p.dim()):
+            name = f"{PREFIX}.{factor_name(dim, p.dim())}"
+            factors = [block_factors[dim] for block_factors in per_block]
+            state[name] = factors
+            state[f"{name}.inv_root"] = identity_roots(factors)
+
+    def _factor_keys(self, p: Tensor) -> list[str]:
+        return [f"{PREFIX}.{factor_name(dim, p.dim())}" for dim in range(p.dim())]
+
+    def matrix_step(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        grafting = group["grafting"]
+        start = group["start_preconditioning_step"]
+        work: list[tuple[Tensor, dict[str, Any], ShampooLayout, int]] = []
+        # Every factor whose root is due this step, over the whole group, for one batched pass.
+        due: list[tuple[dict[str, Any], tuple[int, ...], str, int, Tensor, int]] = []
+
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Shampoo does not support sparse gradients")
+            state = self.state[p]
+            layout = self._layout(p, group)
+            if not state:
+                self._init_state(state, p, layout)
+            state["step"] += 1
+            t = int(state["step"].item())
+            grad = p.grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
+            state[f"{PREFIX}.exp_avg"].lerp_(grad, 1.0 - beta1)
+            accumulate_squares_(state[f"{PREFIX}.graft_sq"], grad, grafting, beta2)
+            if layout.preconditioned:
+                keys = self._factor_keys(p)
+                if len(state[keys[0]]) != len(layout.blocks):
+                    raise ValueError(
+                        f"{PREFIX}: the parameter of shape {tuple(p.shape)} has state for "
+                        f"{len(state[keys[0]])} blocks but the group's max_preconditioner_dim/"
+                        f"max_factor_dim give {len(layout.blocks)}; they cannot change mid-run"
+                    )
+                refresh = t >= start and (t - start) % group["precondition_frequency"] == 0
+                for b, block in enumerate(layout.blocks):
+                    if not block.preconditioned:
+                        continue
+                    factors = [state[key][b] for key in keys]
+                    accumulate_factors_(factors, grad[block.index], beta2)
+                    if refresh:
+                        for key, F in zip(keys, factors, strict=True):
+                            if F is not None:
+                                due.append((state, tuple(p.shape), key, b, F, block.root))
+            work.append((p, state, layout, t))
+
+        self._refresh_roots(due, beta2, group["epsilon"])
+
+        for p, state, layout, t in work:
+            exp_avg_hat = state[f"{PREFIX}.exp_avg"] / (1.0 - beta1**t)
+            diagonal = diagonal_update(
+                exp_avg_hat,
+                state[f"{PREFIX}.graft_sq"],
+                grafting,
+                beta2=beta2,
+                step=t,
+                eps=group["eps"],
+            )
+            if t < start or not layout.preconditioned:
+                update = diagonal
+            else:
+                update = self._shampoo_direction(p, state, layout, exp_avg_hat, diagonal, grafting)
+            update = self._momentum(state, update, group["momentum"], group["nesterov"])
+            descend_(p, update, float(group["lr"]), group["weight_decay"])
+
+    def _refresh_roots(
+        self,
+        due: list[tuple[dict[str, Any], tuple[int, ...], str, int, Tensor, int]],
+        beta2: float,
+        epsilon: float,
+    ) -> None:
+        if not due:
+            return
+        # The EMA starts from zero: dividing by 1 - beta2^t removes that bias, so that epsilon
+        # damps a factor of the same scale at every step.
+        scaled = []
+        for state, _shape, _key, _b, F, _root in due:
+            t = int(state["step"].item())
+            scaled.append(F / (1.0 - beta2**t))
+        roots = inverse_roots(scaled, [item[-1] for item in due], epsilon)
+        for (state, shape, key, b, _F, _root), root in zip(due, roots, strict=True):
+            if root is None:
+                what = f"the inverse root of {key}"
+                warn_failure(PREFIX, state, f"{PREFIX}.failures", shape, what)
+                continue
+            state[f"{key}.inv_root"][b] = root
+
+    def _shampoo_direction(
+        self,
+        p: Tensor,
+        state: dict[str, Any],
+        layout: ShampooLayout,
+        exp_avg_hat: Tensor,
+        diagonal: Tensor,
+        grafting: Grafting,
+    ) -> Tensor:
+        keys = self._factor_keys(p)
+        update = diagonal.clone()  # blocks without a preconditioner keep the diagonal step
+        for b, block in enumerate(layout.blocks):
+            if not block.preconditioned:
+                continue
+            roots = [state[f"{key}.inv_root"][b] for key in keys]
+            direction = precondition_block(exp_avg_hat[block.index], roots)
+            if grafting != "none":
+                direction = graft(direction, diagonal[block.index])
+            update[block.index] = direction
+        return update
+
+    def _momentum(
+        self, state: dict[str, Any], update: Tensor, momentum: float, nesterov: bool
+    ) -> Tensor:
+        if momentum == 0.0:
+            return update
+        key = f"{PREFIX}.momentum_buffer"
+        if key not in state:
+            state[key] = torch.zeros_like(update)
+        buf = state[key]
+        buf.mul_(momentum).add_(update)
+        return update.add(buf, alpha=momentum) if nesterov else buf
+
+
+def shampoo(
+    target: nn.Module | Iterable[Any],
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    epsilon: float = 1e-12,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    precondition_frequency: int = 10,
+    start_preconditioning_step: int = 1,
+    max_preconditioner_dim: int = 1024,
+    max_factor_dim: int = 4096,
+    grafting: Grafting = "adam",
+    adamw_lr: float | None = None,
+    adamw_betas: tuple[float, float] | None = None,
+    adamw_eps: float | None = None,
+    adamw_weight_decay: float | None = None,
+    routing: Mapping[str, str] | None = None,
+) -> Shampoo:
+    """A :class:`Shampoo` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
+
+    Given an ``nn.Module``, hidden ``Linear``/``Conv`` weights go to Shampoo and embeddings, the
+    output head, norms and biases to AdamW; ``routing`` maps ``fnmatch`` patterns on parameter
+    names to ``"shampoo"`` or ``"adamw"`` to override that. Given a list of parameters, all of them
+    go to Shampoo (vectors and scalars take its diagonal fallback); param-group dicts are passed
+    through. The other arguments are :class:`Shampoo`'s.
+    """
+    groups = build_groups(target, Shampoo.ALGORITHM, routing, min_ndim=Shampoo.MIN_NDIM)
+    return Shampoo(
+        groups,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        epsilon=epsilon,
+        momentum=momentum,
+        nesterov=nesterov,
+        precondition_frequency=precondition_frequency,
+        start_preconditioning_step=start_preconditioning_step,
+        max_preconditioner_dim=max_preconditioner_dim,
+        max_factor_dim=max_factor_dim,
+        grafting=grafting,
+        adamw_lr=adamw_lr,
+        adamw_betas=adamw_betas,
+        adamw_eps=adamw_eps,
+        adamw_weight_decay=adamw_weight_decay,
+    )
+
+
+SPEC = register(
+    OptimizerSpec(
+        name="shampoo",
+        family="layer-wise",
+        rule="D = L^-1/4 M R^-1/4 per block (order k: F_i^-1/2k); p -= lr * D * |Adam step|/|D|",
+        state="2x (first moment, Adam graft) + per block one n×n factor and root per dimension",
+        state_buffers=2.0,
+        reference="Gupta, Koren & Singer 2018, arXiv 1802.09568; "
+        "Anil et al. 2020, arXiv 2002.09018",
+        factory=shampoo,
+        defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, epsilon=1e-12),
+        routes=True,
+    )
+)

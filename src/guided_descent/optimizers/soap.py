@@ -1,0 +1,293 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's factors; AdamW for routed-out parameters.
+
+Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321. The
+update rule lives in :mod:`guided_descent.preconditioners.soap` and the basis refresh in
+:mod:`guided_descent.linalg.eigenbasis`; this module is the ``torch.optim`` shell and the
+registry entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, build_groups
+from guided_descent.optimizers.registry import OptimizerSpec, register
+from guided_descent.optimizers.shampoo import descend_, restore_state_dtypes, warn_failure
+from guided_descent.optimizers.validation import validate_hyperparams
+from guided_descent.preconditioners.kronecker import compute_dtype, factor_name, kronecker_factor
+from guided_descent.preconditioners.soap import (
+    initial_bases,
+    permute_rotated_,
+    refresh_bases,
+    rotated_dims,
+    soap_update,
+)
+
+PREFIX = "soap"
+FAILURES = f"{PREFIX}.failures"
+
+# (state, parameter shape, dimension, factor key) of one basis to compute or refresh
+_BasisJob = tuple[dict[str, Any], tuple[int, ...], int, str]
+
+
+def _check_soap_options(owner: str, group: Mapping[str, Any]) -> None:
+    """Range checks for SOAP-only keys (shared keys are checked by ``validation``)."""
+    freq = group.get("precondition_frequency", 1)
+    if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
+        raise ValueError(f"{owner}: precondition_frequency must be an integer >= 1, got {freq!r}")
+    dim = group.get("max_precond_dim", 0)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+        raise ValueError(f"{owner}: max_precond_dim must be an integer >= 0, got {dim!r}")
+    beta = group.get("shampoo_beta")
+    if beta is not None:
+        ok = isinstance(beta, (int, float)) and not isinstance(beta, bool)
+        if not ok or not 0.0 <= beta < 1.0:
+            raise ValueError(f"{owner}: shampoo_beta must be None or in [0, 1), got {beta!r}")
+
+
+class SOAP(HybridOptimizer):
+    """SOAP (Vyas et al. 2024, arXiv 2409.11321) with AdamW for groups tagged ``"adamw"``.
+
+    Update of a parameter ``W`` of a ``"soap"`` group, gradient ``G``, bases ``Q_i`` of the
+    dimensions of length ``2 .. max_precond_dim`` of a >= 2-D parameter (identity elsewhere), all
+    in float32 (float64 for float64 parameters); ``t`` counts Adam updates::
+
+        G' = G ×_i Q_iᵀ                         (matrix: Q_Lᵀ G Q_R)
+        m  = beta1 m + (1 - beta1) G            (original space)
+        v' = beta2 v' + (1 - beta2) G'²         (rotated space)
+        N  = [(m ×_i Q_iᵀ) / (1 - beta1^t) / (sqrt(v' / (1 - beta2^t)) + eps)] ×_i Q_i
+        W  = W (1 - lr weight_decay) - lr N
+        F_i = shampoo_beta F_i + (1 - shampoo_beta) G_(i) G_(i)ᵀ
+        if t % precondition_frequency == 0:  Q_i ← qr(F_i Q_i) (sorted power step), v' permuted
+
+    The first gradient a parameter with bases receives only fills ``F_i`` and sets ``Q_i`` to
+    their eigenvectors by a full ``eigh``; the parameter first moves on its second step, so that
+    no gradient is ever projected on a basis built from itself (the paper's implementation does
+    the same). Parameters without bases (vectors, scalars, all dimensions too long) are plain
+    AdamW from their first step. Bias correction and ``eps`` sit as in ``torch.optim.AdamW``, and
+    weight decay is applied before the step as there (the paper's code decays after it), so with
+    identity bases SOAP equals ``torch.optim.AdamW``.
+
+    Args:
+        params: parameters or param-group dicts (optionally tagged ``"algorithm"``). Untagged
+            groups stay on SOAP whatever their rank (``MIN_NDIM = 0``). Use :func:`soap` on a
+            model to route embeddings, the head, norms and biases to AdamW.
+        lr: learning rate. Default 3e-3 (the paper's).
+        betas: Adam's ``(beta1, beta2)``. Default (0.95, 0.95).
+        eps: Adam's denominator term. Default 1e-8.
+        weight_decay: decoupled weight decay, multiplied by ``lr``. Default 0.01.
+        shampoo_beta: EMA coefficient of the factors; ``None`` (default) uses ``beta2``.
+        precondition_frequency: Adam steps between eigenbasis refreshes. Default 10.
+        max_precond_dim: dimensions longer than this keep the identity basis. Default 10000;
+            0 turns SOAP into AdamW.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: hyper-parameters of the AdamW groups;
+            ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
+
+    State per SOAP parameter (float32, or float64): ``step``; ``exp_avg`` (original space);
+    ``exp_avg_sq`` (rotated space); per rotated dimension ``soap.L``/``soap.R`` (matrices) or
+    ``soap.dim{i}``, the ``(n, n)`` factor, and ``soap.L.basis`` etc., its eigenbasis;
+    ``soap.failures``: basis computations that failed (the previous basis, or the identity, is
+    kept and one warning is issued per parameter). Which dimensions are rotated is fixed when a
+    parameter's state is created.
+    """
+
+    ALGORITHM = "soap"
+    MIN_NDIM = 0
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        shampoo_beta: float | None = None,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] | None = None,
+        adamw_eps: float | None = None,
+        adamw_weight_decay: float | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            shampoo_beta=shampoo_beta,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+        )
+        validate_hyperparams(PREFIX, defaults)
+        _check_soap_options(PREFIX, defaults)
+        adamw = adamw_defaults(
+            lr if adamw_lr is None else adamw_lr,
+            betas if adamw_betas is None else adamw_betas,
+            eps if adamw_eps is None else adamw_eps,
+            weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+        )
+        super().__init__(params, defaults, adamw)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("algorithm", self.ALGORITHM) == self.ALGORITHM:
+            merged = {**self.defaults, **param_group}
+            _check_soap_options(f"{PREFIX} (param group {len(self.param_groups)})", merged)
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict, self.ALGORITHM)
+
+    @staticmethod
+    def _init_state(state: dict[str, Any], p: Tensor, dims: tuple[int, ...]) -> None:
+        dtype = compute_dtype(p.dtype)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state[FAILURES] = 0
+        for d in dims:
+            n = p.shape[d]
+            key = f"{PREFIX}.{factor_name(d, p.dim())}"
+            state[key] = torch.zeros(n, n, dtype=dtype, device=p.device)
+            state[f"{key}.basis"] = torch.eye(n, dtype=dtype, device=p.device)
+
+    @staticmethod
+    def _factor_keys(p: Tensor, state: Mapping[str, Any]) -> list[tuple[int, str]]:
+        keys = [(d, f"{PREFIX}.{factor_name(d, p.dim())}") for d in range(p.dim())]
+        return [(d, key) for d, key in keys if key in state]
+
+    def matrix_step(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
+        fresh: list[_BasisJob] = []
+        due: list[_BasisJob] = []
+
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("SOAP does not support sparse gradients")
+            state = self.state[p]
+            grad = p.grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
+            is_new = not state
+            if is_new:
+                self._init_state(state, p, rotated_dims(p.shape, group["max_precond_dim"]))
+            factors = self._factor_keys(p, state)
+            shape = tuple(p.shape)
+            if is_new and factors:
+                # First gradient: statistics and the first basis only (see the class docstring).
+                for d, key in factors:
+                    state[key].lerp_(kronecker_factor(grad, d), 1.0 - shampoo_beta)
+                    fresh.append((state, shape, d, key))
+                continue
+
+            state["step"] += 1
+            t = int(state["step"].item())
+            bases: list[Tensor | None] = [None] * p.dim()
+            for d, key in factors:
+                bases[d] = state[f"{key}.basis"]
+            update = soap_update(
+                grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                bases,
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                step=t,
+            )
+            descend_(p, update, float(group["lr"]), group["weight_decay"])
+            # After the step, so that this gradient is not used to rotate itself.
+            for d, key in factors:
+                state[key].lerp_(kronecker_factor(grad, d), 1.0 - shampoo_beta)
+                if t % group["precondition_frequency"] == 0:
+                    due.append((state, shape, d, key))
+
+        self._initial_bases(fresh)
+        self._refresh_bases(due)
+
+    def _initial_bases(self, jobs: list[_BasisJob]) -> None:
+        if not jobs:
+            return
+        bases = initial_bases([state[key] for state, _shape, _d, key in jobs])
+        for (state, shape, _d, key), basis in zip(jobs, bases, strict=True):
+            if basis is None:  # keeps the identity basis it was created with
+                warn_failure(PREFIX, state, FAILURES, shape, f"the eigendecomposition of {key}")
+                continue
+            state[f"{key}.basis"] = basis
+
+    def _refresh_bases(self, jobs: list[_BasisJob]) -> None:
+        if not jobs:
+            return
+        results = refresh_bases(
+            [state[key] for state, _shape, _d, key in jobs],
+            [state[f"{key}.basis"] for state, _shape, _d, key in jobs],
+        )
+        for (state, shape, d, key), result in zip(jobs, results, strict=True):
+            if not bool(result.ok):
+                warn_failure(PREFIX, state, FAILURES, shape, f"the eigenbasis refresh of {key}")
+                continue
+            state[f"{key}.basis"] = result.basis
+            permute_rotated_(state["exp_avg_sq"], d, result.order)
+
+
+def soap(
+    target: nn.Module | Iterable[Any],
+    *,
+    lr: float = 3e-3,
+    betas: tuple[float, float] = (0.95, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    shampoo_beta: float | None = None,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    adamw_lr: float | None = None,
+    adamw_betas: tuple[float, float] | None = None,
+    adamw_eps: float | None = None,
+    adamw_weight_decay: float | None = None,
+    routing: Mapping[str, str] | None = None,
+) -> SOAP:
+    """A :class:`SOAP` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
+
+    Given an ``nn.Module``, hidden ``Linear``/``Conv`` weights go to SOAP and embeddings, the
+    output head, norms and biases to AdamW; ``routing`` maps ``fnmatch`` patterns on parameter
+    names to ``"soap"`` or ``"adamw"`` to override that. Given a list of parameters, all go to
+    SOAP (vectors and scalars are plain AdamW inside it); param-group dicts are passed through.
+    The other arguments are :class:`SOAP`'s.
+    """
+    groups = build_groups(target, SOAP.ALGORITHM, routing, min_ndim=SOAP.MIN_NDIM)
+    return SOAP(
+        groups,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        shampoo_beta=shampoo_beta,
+        precondition_frequency=precondition_frequency,
+        max_precond_dim=max_precond_dim,
+        adamw_lr=adamw_lr,
+        adamw_betas=adamw_betas,
+        adamw_eps=adamw_eps,
+        adamw_weight_decay=adamw_weight_decay,
+    )
+
+
+SPEC = register(
+    OptimizerSpec(
+        name="soap",
+        family="layer-wise",
+        rule="Adam on Q_Lᵀ G Q_R (Q: eigenbases of Shampoo's L, R, power-iteration refresh), "
+        "rotated back",
+        state="2x (first moment, rotated second moment) + per dimension an n×n factor and basis",
+        state_buffers=2.0,
+        reference="Vyas et al. 2024, arXiv 2409.11321",
+        factory=soap,
+        defaults=dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01),
+        routes=True,
+    )
+)

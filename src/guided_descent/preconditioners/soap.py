@@ -1,0 +1,119 @@
+"""SOAP's update as free functions: Adam run in the eigenbasis of Shampoo's factors.
+
+SOAP (Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321)
+keeps Shampoo's factors ``F_i`` (:mod:`guided_descent.preconditioners.kronecker`) only for their
+eigenvectors ``Q_i`` and runs Adam in the rotated coordinates. For one parameter, gradient ``G``
+(a matrix: ``Q_L = Q_0``, ``Q_R = Q_1``)::
+
+    G' = G ×_i Q_iᵀ                              (matrix: Q_Lᵀ G Q_R)      rotate in
+    m  = beta1 m + (1 - beta1) G                 first moment, ORIGINAL space
+    v' = beta2 v' + (1 - beta2) G'²              second moment, ROTATED space
+    N' = (m ×_i Q_iᵀ) / (1 - beta1^t) / (sqrt(v' / (1 - beta2^t)) + eps)
+    N  = N' ×_i Q_i                              (matrix: Q_L N' Q_Rᵀ)     rotate back
+    p  = p (1 - lr wd) - lr N
+    F_i = shampoo_beta F_i + (1 - shampoo_beta) G_(i) G_(i)ᵀ
+    every precondition_frequency steps: Q_i ← refresh_eigenbasis(F_i, Q_i), v' permuted to match
+
+Keeping ``m`` unrotated means a basis change never leaves a stale first moment behind; ``v'`` is
+only re-indexed (:func:`guided_descent.linalg.eigenbasis.refresh_eigenbasis` returns the column
+permutation), as in the paper's algorithm. Dimensions longer than ``max_precond_dim``, and every
+dimension of a 0-D or 1-D parameter, keep the identity (plain Adam along them); with the identity
+on every side SOAP is exactly AdamW.
+
+The first basis is a full ``eigh`` of the factors accumulated from the first gradient
+(:func:`initial_bases`); later ones are cheap power-iteration refreshes (:func:`refresh_bases`).
+Both are batched over factors of one size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from guided_descent.linalg.eigenbasis import EigenbasisRefresh, eigenbasis, refresh_eigenbasis
+from guided_descent.linalg.matrix_functions import MatrixFunctionError
+from guided_descent.preconditioners.kronecker import mode_product, size_buckets
+
+
+def rotated_dims(shape: Sequence[int], max_precond_dim: int) -> tuple[int, ...]:
+    """Dimensions that get an eigenbasis: those of length ``2 .. max_precond_dim``, if >= 2-D."""
+    if len(shape) < 2:
+        return ()
+    return tuple(i for i, n in enumerate(shape) if 1 < n <= max_precond_dim)
+
+
+def project(x: Tensor, bases: Sequence[Tensor | None]) -> Tensor:
+    """Into the eigenbasis: ``x ×_i Q_iᵀ`` (``None``: identity). Matrix: ``Q_Lᵀ x Q_R``."""
+    return mode_product(x, bases, transpose=True)
+
+
+def project_back(x: Tensor, bases: Sequence[Tensor | None]) -> Tensor:
+    """Out of the eigenbasis: ``x ×_i Q_i``. Matrix: ``Q_L x Q_Rᵀ``."""
+    return mode_product(x, bases)
+
+
+def soap_update(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    bases: Sequence[Tensor | None],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+) -> Tensor:
+    """Update both moments in place and return the direction ``N`` (module docstring).
+
+    ``grad``, ``exp_avg`` (original space) and ``exp_avg_sq`` (rotated space) share one shape and
+    dtype; ``step`` is the 1-based count of Adam updates including this one. Bias correction and
+    ``eps`` are placed as in ``torch.optim.AdamW``, so with identity bases the result is its step.
+    """
+    rotated_grad = project(grad, bases)
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().div_((1.0 - beta2**step) ** 0.5).add_(eps)
+    # Out of place: with the identity on every side, project() returns a view of exp_avg.
+    rotated_step = project(exp_avg, bases) / (1.0 - beta1**step) / denom
+    return project_back(rotated_step, bases)
+
+
+def initial_bases(factors: Sequence[Tensor]) -> list[Tensor | None]:
+    """Full eigenbases of the ``(n, n)`` factors, batched by size; ``None`` where eigh failed."""
+    out: list[Tensor | None] = [None] * len(factors)
+    for idx in size_buckets(factors).values():
+        try:
+            batch = eigenbasis(torch.stack([factors[i] for i in idx]))
+        except MatrixFunctionError:
+            if len(idx) == 1:
+                continue
+            for i in idx:  # isolate the bad factor(s)
+                try:
+                    out[i] = eigenbasis(factors[i])
+                except MatrixFunctionError:
+                    pass
+            continue
+        for j, i in enumerate(idx):
+            out[i] = batch[j].clone()  # its own storage, not a view kept alive in state
+    return out
+
+
+def refresh_bases(factors: Sequence[Tensor], bases: Sequence[Tensor]) -> list[EigenbasisRefresh]:
+    """One :func:`refresh_eigenbasis` step per (factor, basis) pair, batched by size."""
+    if len(factors) != len(bases):
+        raise ValueError(f"refresh_bases: {len(factors)} factors but {len(bases)} bases")
+    out: dict[int, EigenbasisRefresh] = {}
+    for idx in size_buckets(factors).values():
+        result = refresh_eigenbasis(
+            torch.stack([factors[i] for i in idx]), torch.stack([bases[i] for i in idx])
+        )
+        for j, i in enumerate(idx):
+            out[i] = EigenbasisRefresh(result.basis[j].clone(), result.order[j], result.ok[j])
+    return [out[i] for i in range(len(factors))]
+
+
+def permute_rotated_(exp_avg_sq: Tensor, dim: int, order: Tensor) -> None:
+    """Re-index dimension ``dim`` of the rotated second moment after its basis was re-ordered."""
+    exp_avg_sq.copy_(exp_avg_sq.index_select(dim, order))

@@ -1,0 +1,1 @@
+"""Small update pieces shared by optimizers: moments, diagonal scaling, grafting."""

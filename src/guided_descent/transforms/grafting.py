@@ -1,0 +1,73 @@
+"""Grafting: take an update's direction from one method and its size from another.
+
+Agarwal et al. 2020 ("Disentangling adaptive gradient methods from learning rates",
+arXiv 2002.11803) observed that much of what separates optimizers is the per-layer step size, not
+the direction. Shampoo (Anil et al. 2020, arXiv 2002.09018) therefore takes the *direction* of its
+Kronecker-preconditioned update ``D`` and the *size* of a cheap diagonal method's update ``A``::
+
+    update = D * ||A||_F / ||D||_F           (per parameter or per block)
+
+so that Shampoo inherits the learning rate (and schedule) tuned for the diagonal method. The
+diagonal method here is Adam or AdaGrad; its update is also what a parameter receives where no
+Kronecker preconditioner exists (vectors, oversized dimensions, before preconditioning starts).
+
+The diagonal update, for a first moment ``m_hat`` (bias-corrected, supplied by the caller) and the
+accumulator ``s`` of squared gradients kept here::
+
+    adam:     s = beta2 * s + (1 - beta2) * g²     A = m_hat / (sqrt(s) / sqrt(1 - beta2^t) + eps)
+    adagrad:  s = s + g²                           A = m_hat / (sqrt(s) + eps)
+
+The Adam form writes the bias correction and ``eps`` exactly as ``torch.optim.Adam`` does, so with
+``m_hat = m / (1 - beta1^t)`` the update equals torch's step for step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+Grafting = Literal["adam", "adagrad", "none"]
+GRAFTINGS: tuple[str, ...] = get_args(Grafting)
+
+
+def check_grafting(owner: str, value: object) -> None:
+    """Raise ``ValueError`` naming ``owner`` unless ``value`` is one of :data:`GRAFTINGS`."""
+    if value not in GRAFTINGS:
+        raise ValueError(f"{owner}: grafting must be one of {GRAFTINGS}, got {value!r}")
+
+
+def accumulate_squares_(acc: Tensor, grad: Tensor, grafting: Grafting, beta2: float) -> None:
+    """Add ``grad²`` to the diagonal accumulator in place: a sum for AdaGrad, else an EMA.
+
+    ``"none"`` keeps Adam's EMA: the diagonal update is still what vectors and
+    not-yet-preconditioned parameters receive.
+    """
+    if grafting == "adagrad":
+        acc.addcmul_(grad, grad)
+    else:
+        acc.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def diagonal_update(
+    exp_avg_hat: Tensor, acc: Tensor, grafting: Grafting, *, beta2: float, step: int, eps: float
+) -> Tensor:
+    """The diagonal method's update direction ``A`` (a new tensor; see the module docstring)."""
+    if grafting == "adagrad":
+        denom = acc.sqrt().add_(eps)
+    else:
+        denom = acc.sqrt().div_((1.0 - beta2**step) ** 0.5).add_(eps)
+    return exp_avg_hat / denom
+
+
+def graft(direction: Tensor, magnitude: Tensor) -> Tensor:
+    """``direction`` rescaled to the Frobenius norm of ``magnitude`` (0 where ``direction`` is 0).
+
+    The norms are taken in at least float32 so that a bfloat16 block does not lose the scale.
+    """
+    dtype = torch.promote_types(direction.dtype, torch.float32)
+    d_norm = torch.linalg.vector_norm(direction, dtype=dtype)
+    m_norm = torch.linalg.vector_norm(magnitude, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
+    return direction * (m_norm / d_norm.clamp_min(tiny)).to(direction.dtype)

@@ -1,0 +1,245 @@
+"""SOAP against references: AdamW in an identity basis, dense rotations, basis refresh, failures."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import guided_descent as gd
+from guided_descent.linalg import eigenbasis as eigenbasis_module
+from guided_descent.linalg.matrix_functions import MatrixFunctionError
+from guided_descent.optimizers import soap as soap_shell
+from guided_descent.optimizers.soap import SOAP
+from guided_descent.preconditioners import soap as soap_math
+
+F64 = torch.float64
+
+
+def gradients(shape: tuple[int, ...], n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=F64) for _ in range(n)]
+
+
+def param(shape: tuple[int, ...], dtype: torch.dtype = F64, seed: int = 1) -> nn.Parameter:
+    g = torch.Generator().manual_seed(seed)
+    return nn.Parameter(torch.randn(shape, generator=g, dtype=F64).to(dtype))
+
+
+def step(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.to(p.dtype).clone()
+    opt.step()
+
+
+HP = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01)
+
+
+def test_defaults_are_the_papers():
+    group = SOAP([param((2, 2))]).param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (
+        3e-3, (0.95, 0.95), 1e-8, 0.01)
+    assert group["precondition_frequency"] == 10 and group["shampoo_beta"] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_without_rotated_dimensions_it_is_adamw_from_the_first_step(dtype):
+    W, b = param((5, 3), dtype), param((4,), dtype, seed=2)
+    W2, b2 = nn.Parameter(W.detach().clone()), nn.Parameter(b.detach().clone())
+    opt = SOAP([W, b], max_precond_dim=0, **HP)
+    adamw = torch.optim.AdamW([W2, b2], **HP)
+    for gW, gb in zip(gradients((5, 3), 5), gradients((4,), 5, seed=3), strict=True):
+        step(opt, [W, b], [gW, gb])
+        step(adamw, [W2, b2], [gW, gb])
+        torch.testing.assert_close(W, W2)
+        torch.testing.assert_close(b, b2)
+
+
+def test_identity_eigenbasis_equals_adamw_step_for_step():
+    grads = gradients((4, 6), 6, seed=5)
+    W = param((4, 6), torch.float32)
+    opt = SOAP([W], precondition_frequency=10**9, **HP)
+    before = W.detach().clone()
+    step(opt, [W], [grads[0]])  # the first gradient only builds the basis
+    assert torch.equal(W.detach(), before)
+    state = opt.state[W]
+    state["soap.L.basis"] = torch.eye(4)
+    state["soap.R.basis"] = torch.eye(6)
+    W2 = nn.Parameter(before.clone())
+    adamw = torch.optim.AdamW([W2], **HP)
+    for G in grads[1:]:
+        step(opt, [W], [G])
+        step(adamw, [W2], [G])
+        torch.testing.assert_close(W, W2)
+
+
+def test_first_basis_is_the_sorted_eigenbasis_of_the_first_factors():
+    W = param((5, 3))
+    G = gradients((5, 3), 1, seed=7)[0]
+    opt = SOAP([W], **HP)
+    step(opt, [W], [G])
+    state = opt.state[W]
+    assert state["step"].item() == 0
+    for key, F in (("soap.L", G @ G.T), ("soap.R", G.T @ G)):
+        torch.testing.assert_close(state[key], 0.05 * F)  # (1 - shampoo_beta) G Gᵀ
+        Q = state[f"{key}.basis"]
+        rayleigh = torch.diagonal(Q.T @ F @ Q)
+        torch.testing.assert_close(rayleigh, torch.linalg.eigvalsh(F).flip(0), atol=1e-10, rtol=0)
+        torch.testing.assert_close(Q.T @ Q, torch.eye(len(Q), dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_rotated_step_matches_dense_rotation_reference():
+    lr, beta1, beta2, eps, wd = 1e-2, 0.9, 0.99, 1e-8, 0.1
+    W = param((4, 5))
+    opt = SOAP([W], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd,
+               precondition_frequency=10**9)
+    grads = gradients((4, 5), 5, seed=9)
+    step(opt, [W], [grads[0]])
+    QL, QR = opt.state[W]["soap.L.basis"], opt.state[W]["soap.R.basis"]
+    ref = W.detach().clone()
+    m = torch.zeros(4, 5, dtype=F64)
+    v = torch.zeros(4, 5, dtype=F64)
+    for t, G in enumerate(grads[1:], start=1):
+        step(opt, [W], [G])
+        m = beta1 * m + (1 - beta1) * G
+        v = beta2 * v + (1 - beta2) * (QL.T @ G @ QR) ** 2
+        rotated = (QL.T @ m @ QR) / (1 - beta1**t) / ((v / (1 - beta2**t)).sqrt() + eps)
+        ref = ref * (1 - lr * wd) - lr * QL @ rotated @ QR.T
+        torch.testing.assert_close(W.detach(), ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(opt.state[W]["exp_avg"], m)  # first moment: original space
+    torch.testing.assert_close(opt.state[W]["exp_avg_sq"], v)  # second moment: rotated space
+
+
+def test_order_three_tensor_rotates_every_dimension():
+    lr, beta1, beta2, eps = 1e-2, 0.9, 0.9, 1e-8
+    X = param((2, 3, 4))
+    opt = SOAP([X], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=0.0,
+               precondition_frequency=10**9)
+    grads = gradients((2, 3, 4), 3, seed=11)
+    step(opt, [X], [grads[0]])
+    Q = [opt.state[X][f"soap.dim{i}.basis"] for i in range(3)]
+    ref = X.detach().clone()
+    m, v = torch.zeros(2, 3, 4, dtype=F64), torch.zeros(2, 3, 4, dtype=F64)
+    rotate = "ia,jb,kc,ijk->abc"  # x ×_i Q_iᵀ
+    back = "ai,bj,ck,ijk->abc"  # x ×_i Q_i
+    for t, G in enumerate(grads[1:], start=1):
+        step(opt, [X], [G])
+        m = beta1 * m + (1 - beta1) * G
+        v = beta2 * v + (1 - beta2) * torch.einsum(rotate, *Q, G) ** 2
+        N = torch.einsum(rotate, *Q, m) / (1 - beta1**t) / ((v / (1 - beta2**t)).sqrt() + eps)
+        ref -= lr * torch.einsum(back, *Q, N)
+        torch.testing.assert_close(X.detach(), ref, atol=1e-12, rtol=1e-12)
+
+
+def test_dimensions_above_max_precond_dim_keep_the_identity():
+    W = param((3, 50))
+    opt = SOAP([W], max_precond_dim=10, **HP)
+    step(opt, [W], gradients((3, 50), 1))
+    assert "soap.L.basis" in opt.state[W] and "soap.R" not in opt.state[W]
+
+
+def test_refresh_permutes_the_rotated_second_moment_with_the_basis(monkeypatch):
+    beta2 = 0.95
+    W = param((5, 4))
+    opt = SOAP([W], precondition_frequency=2, **HP)
+    grads = gradients((5, 4), 3, seed=13)
+    step(opt, [W], [grads[0]])  # basis from eigh, largest eigenvalue first
+    step(opt, [W], [grads[1]])  # Adam step 1
+    state = opt.state[W]
+    # Reverse the columns: the refresh must sort them back and carry v' along.
+    for key in ("soap.L", "soap.R"):
+        state[f"{key}.basis"] = state[f"{key}.basis"].flip(-1).contiguous()
+    state["exp_avg_sq"] = state["exp_avg_sq"].flip(0, 1).contiguous()
+    QL, QR, v = state["soap.L.basis"], state["soap.R.basis"], state["exp_avg_sq"].clone()
+    orders = []
+    real = soap_shell.refresh_bases
+
+    def spy(factors, bases):
+        results = real(factors, bases)
+        orders.extend(r.order for r in results)
+        return results
+
+    monkeypatch.setattr(soap_shell, "refresh_bases", spy)
+    G = grads[2]
+    step(opt, [W], [G])  # Adam step 2: a refresh is due afterwards
+    order_L, order_R = orders
+    assert order_L.tolist() != list(range(5))  # the reversal was undone
+    expected = beta2 * v + (1 - beta2) * (QL.T @ G @ QR) ** 2
+    torch.testing.assert_close(state["exp_avg_sq"], expected[order_L][:, order_R])
+    # The order sorts the old columns by their Rayleigh quotients on the updated factor.
+    for key, Q_old, order in (("soap.L", QL, order_L), ("soap.R", QR, order_R)):
+        rayleigh = torch.diagonal(Q_old.T @ state[key] @ Q_old)[order]
+        assert torch.all(rayleigh[:-1] >= rayleigh[1:])
+
+
+def test_failed_first_eigh_keeps_the_identity_and_behaves_like_adamw(monkeypatch):
+    def broken(P):
+        raise MatrixFunctionError("injected")
+
+    monkeypatch.setattr(soap_math, "eigenbasis", broken)
+    grads = gradients((4, 3), 4, seed=17)
+    W = param((4, 3), torch.float32)
+    W2 = nn.Parameter(W.detach().clone())
+    opt = SOAP([W], precondition_frequency=10**9, **HP)
+    with pytest.warns(RuntimeWarning, match=r"soap: the eigendecomposition of soap\.[LR]") as rec:
+        step(opt, [W], [grads[0]])
+    assert len(rec) == 1 and opt.state[W]["soap.failures"] == 2
+    adamw = torch.optim.AdamW([W2], **HP)
+    for G in grads[1:]:
+        step(opt, [W], [G])
+        step(adamw, [W2], [G])
+    torch.testing.assert_close(W, W2)
+
+
+def test_failed_refresh_keeps_the_previous_basis(monkeypatch):
+    W = param((4, 3), torch.float32)
+    opt = SOAP([W], precondition_frequency=1, **HP)
+    grads = gradients((4, 3), 4, seed=19)
+    step(opt, [W], [grads[0]])
+    step(opt, [W], [grads[1]])
+    kept = {k: opt.state[W][k].clone() for k in ("soap.L.basis", "soap.R.basis", "exp_avg_sq")}
+
+    def broken_qr(A, mode="reduced"):
+        raise torch.linalg.LinAlgError("injected")
+
+    monkeypatch.setattr(eigenbasis_module.torch.linalg, "qr", broken_qr)
+    with pytest.warns(RuntimeWarning, match="eigenbasis refresh") as rec:
+        step(opt, [W], [grads[2]])
+    assert len(rec) == 1
+    for key in ("soap.L.basis", "soap.R.basis"):
+        assert torch.equal(opt.state[W][key], kept[key])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(opt, [W], [grads[3]])
+    assert torch.isfinite(W).all() and opt.state[W]["soap.failures"] == 4
+
+
+def test_bfloat16_params_keep_float32_state_and_track_float32():
+    W16 = param((6, 4), torch.bfloat16)
+    W32 = nn.Parameter(W16.detach().float())
+    opts = [SOAP([p], precondition_frequency=2, **HP) for p in (W16, W32)]
+    for G in gradients((6, 4), 6, seed=23):
+        G = G.to(torch.bfloat16)
+        step(opts[0], [W16], [G])
+        step(opts[1], [W32], [G])
+    assert W16.dtype == torch.bfloat16
+    torch.testing.assert_close(W16.float(), W32.detach(), atol=2e-2, rtol=0)
+    state = opts[0].state[W16]
+    for key in ("exp_avg", "exp_avg_sq", "soap.L", "soap.L.basis", "soap.R.basis"):
+        assert state[key].dtype == torch.float32, key
+
+
+def test_routing_and_validation():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 8), nn.Linear(8, 3))
+    opt = gd.create("soap", model)
+    assert [tuple(p.shape) for p in opt.param_groups[0]["params"]] == [(8, 4)]
+    assert opt.param_groups[0]["algorithm"] == "soap"
+    for kwargs, match in [
+        (dict(shampoo_beta=1.0), "shampoo_beta.*1.0"),
+        (dict(precondition_frequency=0), "precondition_frequency.*0"),
+        (dict(max_precond_dim=-1), "max_precond_dim.*-1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            gd.create("soap", model, **kwargs)
