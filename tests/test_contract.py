@@ -119,7 +119,8 @@ def test_step_with_closure_equals_step_after_backward(name):
         closure_for(m2, o2, batch)()
         assert o2.step() is None
     assert_same(params_of(m1), params_of(m2))
-    moved = [not torch.equal(a, b) for a, b in zip(params_of(m1), params_of(make_model()))]
+    initial = params_of(make_model())
+    moved = [not torch.equal(a, b) for a, b in zip(params_of(m1), initial, strict=True)]
     assert any(moved)
 
 
@@ -164,7 +165,10 @@ def test_param_groups_keep_their_own_hyperparameters(name):
     head = list(model.head.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
     opt = gd.create(name, [{"params": rest}, {"params": head, "lr": 0.0}])
-    assert opt.param_groups[1]["lr"] == 0.0
+    # Hybrid optimizers may split a group (matrices vs vectors); every part keeps the group's lr.
+    head_ids = {id(p) for p in head}
+    head_groups = [g for g in opt.param_groups if any(id(p) in head_ids for p in g["params"])]
+    assert head_groups and all(g["lr"] == 0.0 for g in head_groups)
     before = params_of(model)
     batch = make_batch()
     for _ in range(3):
@@ -229,22 +233,27 @@ def test_optimizer_is_deep_copyable_and_picklable_state(name):
     copy.deepcopy(opt.state_dict())
 
 
-@pytest.mark.parametrize("name", NAMES)
+BAD_VALUES = [
+    ("lr", -1.0),
+    ("lr", float("nan")),
+    ("betas", (1.0, 0.5)),
+    ("betas", (0.9, -0.1)),
+    ("momentum", 1.5),
+    ("weight_decay", -0.1),
+    ("eps", -1e-8),
+]
+
+
 @pytest.mark.parametrize(
-    "key, bad",
+    "name, key, bad",
     [
-        ("lr", -1.0),
-        ("lr", float("nan")),
-        ("betas", (1.0, 0.5)),
-        ("betas", (0.9, -0.1)),
-        ("momentum", 1.5),
-        ("weight_decay", -0.1),
-        ("eps", -1e-8),
+        (name, key, bad)
+        for name in NAMES
+        for key, bad in BAD_VALUES
+        if key in gd.optimizers()[name].hyperparams
     ],
 )
 def test_invalid_hyperparameters_raise_naming_the_value(name, key, bad):
-    if key not in gd.optimizers()[name].hyperparams:
-        pytest.skip(f"{name} has no {key}")
     with pytest.raises(ValueError) as err:
         gd.create(name, make_model(), **{key: bad})
     assert key.split("_")[0] in str(err.value)

@@ -1,0 +1,720 @@
+"""K-FAC: Kronecker-factored approximate natural gradient for Linear and Conv2d layers.
+
+Martens & Grosse 2015, "Optimizing Neural Networks with Kronecker-factored Approximate
+Curvature" (arXiv 1503.05671); convolutions: Grosse & Martens 2016, "A Kronecker-factored
+approximate Fisher matrix for convolution layers" (arXiv 1602.01407). The mathematics lives in
+:mod:`guided_descent.preconditioners.kfac`; this module is the ``torch.optim`` shell, the layer
+hooks and the registry entry.
+
+**How statistics reach the optimizer.** :class:`KFAC` takes the model and puts a forward hook on
+each ``nn.Linear`` / ``nn.Conv2d``. When the coming ``step()`` will refresh the factors, a
+forward pass *in training mode with gradients enabled* adds the layer's ``Σ ā āᵀ`` to a running
+sum and attaches a gradient hook to the layer's output, which adds ``Σ δ δᵀ`` when the backward
+pass reaches it. ``step()`` folds these sums into the EMAs and clears them, so between steps a
+layer holds at most one ``A``-sized and one ``S``-sized matrix, whatever the number of forward
+passes (gradient accumulation over micro-batches averages them, as it should). Eval-mode or
+``no_grad`` forwards are ignored. ``remove_hooks()`` detaches everything; the hooks hold the
+optimizer only weakly, so a dropped optimizer stops recording by itself.
+
+**Empirical Fisher** (``fisher="empirical"``, default): ``S`` comes from the gradients of the
+training loss itself; a plain loop works unchanged::
+
+    opt = gd.create("kfac", model)
+    loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+
+**Sampled ("true") Fisher** (``fisher="sampled"``): ``S`` must come from targets drawn from the
+model's own predictive distribution, which only the user's outputs can provide. Call
+:meth:`KFAC.sample_fisher` on the model outputs before back-propagating the training loss; it
+runs one extra backward pass through the (retained) graph with sampled targets, records ``S``
+and leaves ``p.grad`` untouched::
+
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    opt.zero_grad()
+    if opt.factors_due:                      # skip the extra backward when nothing is recorded
+        opt.sample_fisher(out, "categorical")   # or "gaussian"; or opt.fisher_backward(my_nll)
+    loss.backward()
+    opt.step()
+
+A factor refresh that finds activations but no sampled gradients raises ``RuntimeError``.
+
+**Parameters K-FAC cannot precondition** (free parameters, norms, embeddings, grouped convs,
+weights shared between modules, biases of frozen weights) go to a first-order ``fallback``
+optimizer chosen by registry name. Its param groups are param groups of this one optimizer
+(tagged ``"algorithm": <fallback name>``), so LR schedulers drive both kinds, and one
+``state_dict`` holds everything. ``repr(opt)`` / :meth:`KFAC.describe` list which parameter went
+where and why.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from itertools import chain
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from guided_descent.linalg.matrix_functions import MatrixFunctionError
+from guided_descent.optimizers.registry import OptimizerSpec, create, get_spec, register
+from guided_descent.optimizers.validation import (
+    nonneg,
+    positive_int,
+    unit_interval,
+    validate_hyperparams,
+)
+from guided_descent.preconditioners.kfac import (
+    ConvGeometry,
+    Likelihood,
+    conv2d_input_rows,
+    conv2d_output_grad_rows,
+    damped_inverses,
+    gradient_matrix,
+    kl_clip_factor,
+    linear_input_rows,
+    linear_output_grad_rows,
+    precondition,
+    sampled_nll,
+    statistics_dtype,
+    update_ema,
+)
+
+ALGORITHM = "kfac"
+Fisher = Literal["empirical", "sampled", "true"]
+FISHER_TYPES: tuple[str, ...] = get_args(Fisher)
+
+_GROUP_CHECKS = {
+    "damping": nonneg("damping"),
+    "stat_decay": unit_interval("stat_decay"),
+}
+
+
+def _check_group(owner: str, group: Mapping[str, Any]) -> None:
+    """Shared keys (lr, momentum, weight_decay) by ``validation``, then K-FAC's own."""
+    validate_hyperparams(owner, group)
+    for key, check in _GROUP_CHECKS.items():
+        if key in group:
+            check(owner, group[key])
+
+
+@dataclass(frozen=True)
+class KFACSettings:
+    """Optimizer-wide K-FAC choices (the per-group ones live in ``param_groups``).
+
+    ``fisher``: ``"empirical"`` or ``"sampled"`` (``"true"`` is accepted as a synonym and stored
+    as ``"sampled"``). ``factor_frequency`` / ``inverse_frequency``: refresh the factor EMAs /
+    their damped inverses on steps ``k`` with ``k % frequency == 0`` (``k`` counts a layer's
+    steps from 0). ``kl_clip``: bound on a step's predicted KL divergence ``lr² ν² Σ ⟨G, U⟩``;
+    ``None`` disables the clipping.
+    """
+
+    fisher: str = "empirical"
+    factor_frequency: int = 1
+    inverse_frequency: int = 10
+    kl_clip: float | None = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.fisher not in FISHER_TYPES:
+            raise ValueError(f"kfac: fisher must be one of {FISHER_TYPES}, got {self.fisher!r}")
+        if self.fisher == "true":
+            object.__setattr__(self, "fisher", "sampled")
+        positive_int("factor_frequency")("kfac", self.factor_frequency)
+        positive_int("inverse_frequency")("kfac", self.inverse_frequency)
+        if self.kl_clip is not None:
+            value = self.kl_clip
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0
+            ):
+                raise ValueError(
+                    f"kfac: kl_clip must be None or a finite number > 0, got {value!r}"
+                )
+
+
+@dataclass(eq=False)
+class _Layer:
+    """One preconditioned layer and the statistics of the batches since the last step."""
+
+    name: str
+    module: nn.Linear | nn.Conv2d
+    weight: nn.Parameter
+    bias: nn.Parameter | None  # folded into the factors as a last weight column
+    geometry: ConvGeometry | None  # None for nn.Linear
+    a_sum: Tensor | None = None  # Σ ā āᵀ over recorded rows
+    a_count: int = 0
+    s_sum: Tensor | None = None  # Σ δ δᵀ (per-example δ)
+    s_count: int = 0  # examples behind s_sum
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the weight seen as a matrix (a conv kernel flattened)."""
+        return self.weight.shape[0], math.prod(self.weight.shape[1:])
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def record_inputs(self, x: Tensor) -> None:
+        fold = self.bias is not None
+        if self.geometry is None:
+            rows = linear_input_rows(x, fold)
+        else:
+            rows = conv2d_input_rows(x, self.geometry, fold)
+        self.a_sum = _accumulate(self.a_sum, rows.mT @ rows)
+        self.a_count += rows.shape[0]
+
+    def record_output_grad(self, grad: Tensor) -> None:
+        if self.geometry is None:
+            rows, examples = linear_output_grad_rows(grad)
+        else:
+            rows, examples = conv2d_output_grad_rows(grad)
+        self.s_sum = _accumulate(self.s_sum, rows.mT @ rows)
+        self.s_count += examples
+
+    def reset(self) -> None:
+        self.a_sum, self.a_count, self.s_sum, self.s_count = None, 0, None, 0
+
+
+def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
+    return term if total is None else total.add_(term)
+
+
+# Hooks are module-level functions holding the optimizer weakly: the model keeps its hooks, and
+# a strong reference would keep a discarded optimizer (and its factors) alive with it.
+
+
+def _on_forward(
+    ref: weakref.ReferenceType[KFAC], layer: _Layer, module: nn.Module, args: tuple, output: Any
+) -> None:
+    opt = ref()
+    if opt is None or not module.training or not torch.is_grad_enabled():
+        return
+    if not opt._due(layer) or not args or not isinstance(args[0], Tensor):
+        return
+    with torch.no_grad():
+        layer.record_inputs(args[0])
+    if isinstance(output, Tensor) and output.requires_grad:
+        # A tensor hook sees ∂L/∂output even when later ops modify the output in place.
+        output.register_hook(partial(_on_output_grad, ref, layer))
+
+
+def _on_output_grad(ref: weakref.ReferenceType[KFAC], layer: _Layer, grad: Tensor) -> None:
+    opt = ref()
+    if opt is None:
+        return
+    if opt.settings.fisher == "sampled" and not opt._sampling:
+        return  # the training loss's backward: its gradients are not the sampled Fisher's
+    with torch.no_grad():
+        layer.record_output_grad(grad)
+
+
+_FALLBACK_REASON = "not a parameter of an nn.Linear / nn.Conv2d"
+
+
+def find_layers(model: nn.Module) -> tuple[list[_Layer], list[tuple[str, nn.Parameter, str]]]:
+    """The layers K-FAC preconditions, and ``(name, parameter, reason)`` for everything else."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    why: dict[int, str] = {}
+    layers: list[_Layer] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        kind = type(m).__name__
+        bias = m.bias if m.bias is not None and m.bias.requires_grad else None
+        if isinstance(m, NonDynamicallyQuantizableLinear):
+            reason = "nn.MultiheadAttention's out_proj (its forward is never called)"
+        elif isinstance(m, nn.Conv2d) and m.groups != 1:
+            reason = f"grouped {kind} (groups={m.groups})"
+        elif not m.weight.requires_grad:
+            reason = f"bias of {kind} {name!r} whose weight is frozen"
+        elif owners[id(m.weight)] > 1:
+            reason = f"{kind} weight shared between modules"
+        else:
+            if bias is not None and owners[id(bias)] > 1:
+                why[id(bias)] = f"{kind} bias shared between modules"
+                bias = None
+            geometry = ConvGeometry.of(m) if isinstance(m, nn.Conv2d) else None
+            layers.append(_Layer(name, m, m.weight, bias, geometry))
+            continue
+        for p in m.parameters(recurse=False):
+            why.setdefault(id(p), reason)
+    claimed = {id(p) for layer in layers for p in layer.params}
+    rest = [
+        (name, p, why.get(id(p), _FALLBACK_REASON))
+        for name, p in model.named_parameters()
+        if p.requires_grad and id(p) not in claimed
+    ]
+    return layers, rest
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC (Martens & Grosse 2015, arXiv 1503.05671; KFC for Conv2d, arXiv 1602.01407).
+
+    Update, per preconditioned layer with weight-and-bias gradient ``G`` ``(d_out, d_in+1)``,
+    on step ``k`` (all layers together)::
+
+        every factor_frequency steps:   A ← ε A + (1-ε) E[ā āᵀ],  S ← ε S + (1-ε) E[δ δᵀ]
+        every inverse_frequency steps:  π = sqrt((tr A/dim A) / (tr S/dim S))
+                                        A⁻ = (A + π√λ I)⁻¹,  S⁻ = (S + √λ/π I)⁻¹  (via eigh)
+        U = S⁻ G A⁻
+        ν = min(1, sqrt(kl_clip / (lr² Σ_layers ⟨G, U⟩)))       # KL clipping
+        m ← μ m + ν U                                           # momentum (μ = 0: m = ν U)
+        W ← W (1 - lr·weight_decay) - lr m                      # decoupled weight decay
+
+    with ``ε = stat_decay`` and ``λ = damping``; the first refresh sets ``A, S`` to the batch's.
+    Other parameters are updated by the ``fallback`` optimizer (see the module docstring).
+
+    Args:
+        model: the network; its ``nn.Linear`` and ungrouped ``nn.Conv2d`` layers with trainable
+            weights are preconditioned (biases folded in), the rest goes to ``fallback``.
+        lr: step size of the preconditioned update. Default 0.01.
+        momentum: heavy-ball coefficient ``μ`` on the clipped update, in [0, 1). Default 0.9.
+        damping: Tikhonov damping ``λ >= 0``, split between the factors by π. Default 1e-3.
+        weight_decay: decoupled weight decay (multiplied by ``lr``); also passed to the fallback
+            unless ``fallback_hyperparams`` sets its own. Default 0.
+        stat_decay: EMA decay ``ε`` of the factors in [0, 1); 0 keeps only the latest batch.
+            Default 0.95.
+        kl_clip: bound on the step's predicted KL divergence: the update is scaled by ν so
+            that ``lr² ν² Σ ⟨G, U⟩ = Δθᵀ F̂ Δθ <= kl_clip``; ``None`` disables. Default 1e-3.
+        factor_frequency: refresh the factors every this many steps. Default 1.
+        inverse_frequency: recompute the damped inverses every this many steps. Default 10.
+        fisher: ``"empirical"`` (training-loss gradients) or ``"sampled"`` / ``"true"``
+            (gradients for targets sampled from the model: call :meth:`sample_fisher`).
+        fallback: registry name of the first-order optimizer for the other parameters.
+            Default ``"adamw"``.
+        fallback_hyperparams: keyword arguments for the fallback (its registry defaults
+            otherwise).
+
+    The loss is assumed to be a mean over examples (torch's default reduction); factors are
+    estimates of per-example second moments. State per layer (on its weight): ``kfac.A``,
+    ``kfac.S`` (float32, float64 for float64 layers), ``kfac.A_inv``, ``kfac.S_inv``,
+    ``kfac.momentum_buffer`` (``(d_out, d_in+1)``), ``kfac.step`` and
+    ``kfac.inverse_failures`` (ints). A failed inversion (``MatrixFunctionError``) keeps the last
+    good inverses, warns once per layer and counts the failure.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        stat_decay: float = 0.95,
+        *,
+        kl_clip: float | None = 1e-3,
+        factor_frequency: int = 1,
+        inverse_frequency: int = 10,
+        fisher: Fisher = "empirical",
+        fallback: str = "adamw",
+        fallback_hyperparams: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"kfac needs the nn.Module (it hooks into its layers), got {model!r}")
+        self.settings = KFACSettings(fisher, factor_frequency, inverse_frequency, kl_clip)
+        defaults: dict[str, Any] = dict(
+            lr=lr,
+            momentum=momentum,
+            damping=damping,
+            weight_decay=weight_decay,
+            stat_decay=stat_decay,
+            algorithm=ALGORITHM,
+        )
+        _check_group("kfac", defaults)
+        if fallback_hyperparams is not None and not isinstance(fallback_hyperparams, Mapping):
+            raise TypeError(
+                f"kfac: fallback_hyperparams must be a mapping, got {fallback_hyperparams!r}"
+            )
+
+        self._layers, self._fallback_params = find_layers(model)
+        self._by_weight = {id(layer.weight): layer for layer in self._layers}
+        self.fallback_name = fallback
+        self._fallback_hyperparams = dict(fallback_hyperparams or {})
+        self._default_weight_decay = weight_decay
+        self._fallback: torch.optim.Optimizer | None = None
+        groups: list[dict[str, Any]] = []
+        if self._layers:
+            groups.append(
+                {"params": [p for layer in self._layers for p in layer.params],
+                 "algorithm": ALGORITHM}
+            )
+        if self._fallback_params:
+            self._fallback = self._make_fallback([p for _, p, _ in self._fallback_params])
+            groups.extend(self._fallback.param_groups)
+        else:
+            get_spec(fallback)  # an unknown name is an error even when nothing falls back
+
+        self._sampling = False
+        self._warned: set[tuple[str, str]] = set()
+        self._constructing = True
+        super().__init__(groups, defaults)
+        self._constructing = False
+        if self._fallback is not None:
+            self._fallback.state = self.state  # one state, so one state_dict holds both kinds
+
+        ref = weakref.ref(self)
+        self._handles = [
+            layer.module.register_forward_hook(partial(_on_forward, ref, layer))
+            for layer in self._layers
+        ]
+        if not self._layers:
+            warnings.warn(
+                f"kfac: the model has no nn.Linear / nn.Conv2d layer to precondition; all "
+                f"{len(self._fallback_params)} parameter(s) are updated by the fallback "
+                f"{fallback!r}",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def _make_fallback(self, params: list[Any]) -> torch.optim.Optimizer:
+        spec = get_spec(self.fallback_name)
+        if spec.needs_model:
+            raise ValueError(
+                f"kfac: the fallback must optimize a parameter list; {self.fallback_name!r} "
+                "needs the model"
+            )
+        hyperparams: dict[str, Any] = {}
+        if "weight_decay" in spec.hyperparams:
+            hyperparams["weight_decay"] = self._default_weight_decay
+        hyperparams.update(self._fallback_hyperparams)
+        return create(self.fallback_name, params, **hyperparams)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; after construction, new groups go to the fallback optimizer.
+
+        The preconditioned layers are found from the model when the optimizer is built, so a
+        ``"kfac"`` group cannot be added later.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if param_group.get("algorithm") == ALGORITHM:
+            if not self._constructing:
+                raise ValueError(
+                    "kfac: preconditioned layers are fixed when the optimizer is built; add "
+                    "new parameters without an 'algorithm' key (they go to the fallback "
+                    f"{self.fallback_name!r})"
+                )
+            _check_group("kfac (kfac group)", param_group)
+            super().add_param_group(param_group)
+            return
+        fallback = self._fallback
+        if fallback is not None and any(param_group is g for g in fallback.param_groups):
+            group = param_group  # one of the fallback's own groups, shared as is
+        else:
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            self._check_disjoint(params)
+            extra = {**param_group, "params": params}
+            extra.pop("algorithm", None)
+            if fallback is None:
+                self._fallback = fallback = self._make_fallback([extra])
+                fallback.state = self.state
+            else:
+                fallback.add_param_group(extra)
+            group = fallback.param_groups[-1]
+        self._check_disjoint(group["params"])
+        group.setdefault("algorithm", self.fallback_name)
+        self.param_groups.append(group)
+
+    def _check_disjoint(self, params: list[Tensor]) -> None:
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in params):
+            raise ValueError("some parameters appear in more than one parameter group")
+
+    def remove_hooks(self) -> None:
+        """Detach the layer hooks: no more statistics are recorded (the last inverses stay)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for layer in self._layers:
+            layer.reset()
+
+    # ------------------------------------------------------------------------------ Fisher
+
+    def _due(self, layer: _Layer) -> bool:
+        """Whether the layer's coming step refreshes its factors (so statistics are wanted)."""
+        step = self.state.get(layer.weight, {}).get("kfac.step", 0)
+        return step % self.settings.factor_frequency == 0
+
+    @property
+    def factors_due(self) -> bool:
+        """True when the next ``step()`` refreshes some layer's factors."""
+        return any(self._due(layer) for layer in self._layers)
+
+    def fisher_backward(self, nll: Tensor) -> None:
+        """Record ``S`` from the backward pass of ``nll``, a loss on *sampled* targets.
+
+        Runs ``torch.autograd.grad`` with ``retain_graph=True`` (the training loss can still be
+        back-propagated) and discards the result: ``p.grad`` is not touched. Only for
+        ``fisher="sampled"``; ``nll`` should be a mean over examples like the training loss.
+        """
+        if self.settings.fisher != "sampled":
+            raise RuntimeError(
+                f"kfac: fisher_backward/sample_fisher need fisher='sampled', this optimizer "
+                f"uses fisher={self.settings.fisher!r}"
+            )
+        if not isinstance(nll, Tensor) or nll.dim() != 0 or not nll.requires_grad:
+            raise ValueError(
+                "kfac: fisher_backward needs a scalar loss that requires grad, got "
+                f"{nll if not isinstance(nll, Tensor) else tuple(nll.shape)!r}"
+            )
+        weights = [layer.weight for layer in self._layers]
+        if not weights:
+            return
+        self._sampling = True
+        try:
+            torch.autograd.grad(nll, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._sampling = False
+
+    def sample_fisher(
+        self,
+        outputs: Tensor,
+        likelihood: Likelihood = "categorical",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Draw targets from the model's predictive distribution and record the true-Fisher ``S``.
+
+        ``outputs`` are the model's outputs of this forward pass (logits for
+        ``"categorical"``, means of a unit-variance Gaussian for ``"gaussian"``); see
+        :func:`guided_descent.preconditioners.kfac.sampled_nll`.
+        """
+        self.fisher_backward(sampled_nll(outputs, likelihood, generator))
+
+    # ------------------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            self._kfac_step()
+        finally:
+            for layer in self._layers:
+                layer.reset()
+        if self._fallback is not None:
+            self._fallback.step()
+        return loss
+
+    def _kfac_step(self) -> None:
+        if self.settings.fisher == "sampled":
+            self._check_sampled_statistics()
+        work: list[tuple[_Layer, dict[str, Any], Tensor]] = []
+        predicted_kl = 0.0
+        for group in self.param_groups:
+            if group["algorithm"] != ALGORITHM:
+                continue
+            for p in group["params"]:
+                layer = self._by_weight.get(id(p))
+                if layer is None:
+                    continue  # a folded bias: updated with its weight
+                out = self._preconditioned(layer, group)
+                if out is None:
+                    continue
+                G, U = out
+                predicted_kl += float(group["lr"]) ** 2 * float((G * U).sum())
+                work.append((layer, group, U))
+        nu = kl_clip_factor(predicted_kl, self.settings.kl_clip)
+        for layer, group, U in work:
+            self._apply(layer, group, U if nu == 1.0 else U * nu)
+
+    def _preconditioned(self, layer: _Layer, group: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+        weight, bias = layer.weight, layer.bias
+        bias_grad = None if bias is None else bias.grad
+        if weight.grad is None and bias_grad is None:
+            return None
+        state = self.state[weight]
+        if not state:
+            state["kfac.step"] = 0
+            state["kfac.inverse_failures"] = 0
+        k = state["kfac.step"]
+        if k % self.settings.factor_frequency == 0:
+            self._update_factors(layer, state, float(group["stat_decay"]))
+        if k % self.settings.inverse_frequency == 0:
+            self._update_inverses(layer, state, float(group["damping"]))
+        like = torch.empty(0, dtype=statistics_dtype(weight.dtype), device=weight.device)
+        G = gradient_matrix(weight.grad, bias_grad, layer.shape, bias is not None, like)
+        if "kfac.A_inv" not in state:
+            self._warn_once(
+                layer,
+                "no-inverse",
+                "has a gradient but no curvature estimate yet (run its forward pass in training "
+                "mode with gradients enabled, after building the optimizer); it takes the "
+                "unpreconditioned gradient",
+            )
+            return G, G
+        return G, precondition(G, state["kfac.A_inv"], state["kfac.S_inv"])
+
+    def _check_sampled_statistics(self) -> None:
+        # Before anything changes, so that a forgotten sample_fisher() leaves no half-done step.
+        for layer in self._layers:
+            if layer.a_sum is not None and layer.s_sum is None and self._due(layer):
+                raise RuntimeError(
+                    f"kfac (fisher='sampled'): layer {layer.name!r} recorded activations but no "
+                    "sampled output gradients; call opt.sample_fisher(outputs) (or "
+                    "opt.fisher_backward(nll)) after the forward pass whenever opt.factors_due"
+                )
+
+    def _update_factors(self, layer: _Layer, state: dict[str, Any], decay: float) -> None:
+        if layer.a_sum is None or layer.s_sum is None:
+            # No training-mode forward since the last step, or its output did not reach the
+            # loss: keep the factors.
+            return
+        state["kfac.A"] = update_ema(state.get("kfac.A"), layer.a_sum / layer.a_count, decay)
+        state["kfac.S"] = update_ema(state.get("kfac.S"), layer.s_sum / layer.s_count, decay)
+
+    def _update_inverses(self, layer: _Layer, state: dict[str, Any], damping: float) -> None:
+        if "kfac.A" not in state:
+            return
+        try:
+            A_inv, S_inv = damped_inverses(state["kfac.A"], state["kfac.S"], damping)
+        except MatrixFunctionError as err:
+            state["kfac.inverse_failures"] += 1
+            kept = "keeping its last good inverse" if "kfac.A_inv" in state else (
+                "using the unpreconditioned gradient until an inversion succeeds"
+            )
+            message = f"could not invert its damped factors ({err}); {kept}"
+            self._warn_once(layer, "inverse", message)
+            return
+        state["kfac.A_inv"], state["kfac.S_inv"] = A_inv, S_inv
+
+    def _warn_once(self, layer: _Layer, kind: str, message: str) -> None:
+        if (layer.name, kind) in self._warned:
+            return
+        self._warned.add((layer.name, kind))
+        warnings.warn(f"kfac: layer {layer.name!r} {message}", RuntimeWarning, stacklevel=4)
+
+    def _apply(self, layer: _Layer, group: dict[str, Any], U: Tensor) -> None:
+        state = self.state[layer.weight]
+        momentum = float(group["momentum"])
+        if momentum != 0.0:
+            buf = state.get("kfac.momentum_buffer")
+            if buf is None:
+                buf = state["kfac.momentum_buffer"] = torch.zeros_like(U)
+            U = buf.mul_(momentum).add_(U)
+        lr = float(group["lr"])
+        shrink = 1.0 - lr * float(group["weight_decay"])
+        d_in = layer.shape[1]
+        updates = [(layer.weight, U[:, :d_in].reshape(layer.weight.shape))]
+        if layer.bias is not None:
+            updates.append((layer.bias, U[:, d_in]))
+        for p, update in updates:
+            if p.grad is None:
+                continue
+            if p.dtype == U.dtype:
+                if shrink != 1.0:
+                    p.mul_(shrink)
+                p.sub_(update, alpha=lr)
+            else:  # bf16/fp16 weights: one rounding, after the float32 arithmetic
+                p.copy_(p.to(U.dtype).mul_(shrink).sub_(update, alpha=lr))
+        state["kfac.step"] += 1
+
+    # ------------------------------------------------------------------------------ state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating-point state to its parameter's dtype on load; K-FAC keeps its
+        # statistics in float32 for bf16 layers, so put back the saved tensors as they were.
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if key.startswith("kfac.") and isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        if self._fallback is not None:
+            self._fallback.param_groups = [
+                g for g in self.param_groups if g["algorithm"] != ALGORITHM
+            ]
+            self._fallback.state = self.state
+
+    # ------------------------------------------------------------------------------ display
+
+    def describe(self) -> str:
+        """Which parameters K-FAC preconditions and which go to the fallback, and why."""
+        lines: list[str] = []
+        if self._layers:
+            lines.append(f"K-FAC preconditions {len(self._layers)} layer(s) (fisher="
+                         f"{self.settings.fisher!r}):")
+            width = max(len(layer.name) for layer in self._layers)
+            for layer in self._layers:
+                d_out, d_in = layer.shape
+                a_dim = d_in + (layer.bias is not None)
+                bias = "bias folded" if layer.bias is not None else "no bias"
+                lines.append(
+                    f"  {layer.name:<{width}}  {type(layer.module).__name__:<6}  "
+                    f"A {a_dim}x{a_dim}  S {d_out}x{d_out}  {bias}"
+                )
+        else:
+            lines.append("K-FAC found no nn.Linear / nn.Conv2d layer: it preconditions nothing.")
+        if self._fallback_params:
+            lines.append(f"fallback {self.fallback_name!r} updates "
+                         f"{len(self._fallback_params)} parameter(s):")
+            width = max(len(name) for name, _, _ in self._fallback_params)
+            for name, p, reason in self._fallback_params:
+                shape = "x".join(map(str, p.shape)) or "scalar"
+                lines.append(f"  {name:<{width}}  {shape:<12}  {reason}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"{self.describe()}\n{super().__repr__()}"
+
+
+def kfac(
+    model: nn.Module,
+    *,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    damping: float = 1e-3,
+    weight_decay: float = 0.0,
+    stat_decay: float = 0.95,
+    kl_clip: float | None = 1e-3,
+    factor_frequency: int = 1,
+    inverse_frequency: int = 10,
+    fisher: Fisher = "empirical",
+    fallback: str = "adamw",
+    fallback_hyperparams: Mapping[str, Any] | None = None,
+) -> KFAC:
+    """Build :class:`KFAC` for ``model`` (see its docstring for the update and the arguments)."""
+    return KFAC(
+        model,
+        lr=lr,
+        momentum=momentum,
+        damping=damping,
+        weight_decay=weight_decay,
+        stat_decay=stat_decay,
+        kl_clip=kl_clip,
+        factor_frequency=factor_frequency,
+        inverse_frequency=inverse_frequency,
+        fisher=fisher,
+        fallback=fallback,
+        fallback_hyperparams=fallback_hyperparams,
+    )
+
+
+register(
+    OptimizerSpec(
+        name="kfac",
+        family="layer-wise",
+        rule="p -= lr * (S + √λ/π I)⁻¹ G (A + π√λ I)⁻¹ per Linear/Conv2d layer; "
+        "KL-clipped, momentum; fallback optimizer for the rest",
+        state="per layer: A (d_in+1)², S d_out² and their inverses, 1x momentum; "
+        "the fallback's state for other parameters",
+        state_buffers=1.0,
+        reference="Martens & Grosse 2015, arXiv 1503.05671; Grosse & Martens 2016, "
+        "arXiv 1602.01407",
+        factory=kfac,
+        needs_model=True,
+    )
+)

@@ -1,0 +1,346 @@
+"""Natural gradient: exact damped Fisher / Gauss–Newton steps by conjugate gradient.
+
+Amari 1998, "Natural Gradient Works Efficiently in Learning" (Neural Computation 10(2)); the
+matrix-free Gauss–Newton products of Schraudolph 2002 (Neural Computation 14(7)) and the
+truncated-CG solve of Martens 2010, "Deep learning via Hessian-free optimization" (ICML). The
+mathematics lives in :mod:`guided_descent.preconditioners.natural_gradient`; this module is the
+``torch.optim`` shell and the registry entry. It is the dense reference that K-FAC
+approximates, for small models (up to ~1e5 parameters).
+
+**How the step gets the batch.** The curvature products re-run the model, so ``step()`` needs
+the inputs of the current batch. A forward pre-hook on the model records the inputs (positional
+and keyword) of the latest forward pass made in training mode with gradients enabled; ``step()``
+uses and then forgets them. A standard loop therefore works unchanged::
+
+    opt = gd.create("natural_gradient", model, loss="cross_entropy")
+    loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+
+``step()`` raises ``RuntimeError`` when no such forward pass happened since the last step. With
+several forward passes per step (micro-batches) the curvature is that of the last one. The
+re-runs normalize BatchNorm layers with their batch statistics, as training does, without
+updating their running statistics (``torch.func`` transforms cannot mutate buffers; other layers
+that do so in ``forward`` are not supported). Stochastic layers such as dropout draw fresh masks
+in every re-run, so the products are then those of a random function: prefer deterministic
+models when the exact Gauss–Newton matrix matters.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from guided_descent.optimizers.registry import OptimizerSpec, register
+from guided_descent.optimizers.validation import nonneg, positive_int, validate_hyperparams
+from guided_descent.preconditioners.natural_gradient import (
+    OUTPUT_LOSSES,
+    CGResult,
+    OutputLoss,
+    conjugate_gradient,
+    gauss_newton_operator,
+)
+
+STATE_MOMENTUM = "natural_gradient.momentum_buffer"
+SMALL_MODEL = 100_000  # parameters; beyond this a step of CG iterations gets expensive
+
+
+@dataclass(frozen=True)
+class NaturalGradientSettings:
+    """Optimizer-wide choices: the loss whose Gauss–Newton matrix is used, and the CG solve."""
+
+    loss: str = "mse"
+    cg_iterations: int = 20
+    cg_tolerance: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.loss not in OUTPUT_LOSSES:
+            raise ValueError(
+                f"natural_gradient: loss must be one of {OUTPUT_LOSSES}, got {self.loss!r}"
+            )
+        positive_int("cg_iterations")("natural_gradient", self.cg_iterations)
+        nonneg("cg_tolerance")("natural_gradient", self.cg_tolerance)
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _capture_inputs(
+    ref: weakref.ReferenceType[NaturalGradient],
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    opt = ref()
+    if opt is None or opt._replaying or not module.training or not torch.is_grad_enabled():
+        return
+    # Only the latest batch is kept; detached, so no autograd graph is held through it.
+    opt._inputs = (tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
+
+
+@contextmanager
+def _running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """Normalization layers use batch statistics but leave their running statistics alone.
+
+    With ``track_running_stats`` off, a training-mode BatchNorm computes the same function of
+    its input (batch mean and variance) and skips the in-place buffer updates that a
+    ``torch.func`` transform refuses.
+    """
+    switched = [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True
+
+
+class NaturalGradient(torch.optim.Optimizer):
+    """Damped natural gradient / Gauss–Newton by conjugate gradient (Amari 1998; Martens 2010).
+
+    Update, for the gradient ``g`` of all parameters that have one, on the current batch::
+
+        solve (G + diag(λ)) u = g  by CG from u = 0      # G = Jᵀ H J, H = ∂²loss/∂z²
+        m ← μ m + u                                   # momentum (μ = 0: m = u)
+        θ ← θ (1 - lr·weight_decay) - lr m            # decoupled weight decay
+
+    ``G`` is the Gauss–Newton matrix of ``loss`` at the current parameters (equal to the Fisher
+    of its likelihood), ``λ`` each parameter's group ``damping``. With ``damping = 0`` and
+    ``lr = 1`` on a linear least-squares problem one step lands on the minimum (Newton's step).
+
+    Cost per step: one forward pass to build the VJP, then per CG iteration one JVP and one VJP
+    through the model (about a forward plus a backward pass each), at most ``cg_iterations``.
+
+    Args:
+        model: the network; all its trainable parameters are optimized jointly.
+        lr: step size. Default 1.0 (the Gauss–Newton step).
+        damping: Tikhonov damping ``λ >= 0`` added to ``G``. Default 1e-3.
+        momentum: heavy-ball coefficient on the solved direction, in [0, 1). Default 0.
+        weight_decay: decoupled weight decay (multiplied by ``lr``). Default 0.
+        loss: ``"mse"`` (``F.mse_loss``, mean over all outputs) or ``"cross_entropy"``
+            (``F.cross_entropy`` on logits, class dimension 1, mean over predictions); must
+            match the training loss for ``G`` to be its Gauss–Newton matrix.
+        cg_iterations: most CG iterations (matrix-vector products) per step; raise it (up to
+            the parameter count) for an exact solve. Default 20.
+        cg_tolerance: stop CG when ``‖r‖ <= cg_tolerance · ‖g‖``. Default 1e-6.
+
+    The CG vectors are float32 (float64 for float64 models); the model is evaluated in its own
+    dtype. State per parameter: ``natural_gradient.momentum_buffer`` when ``momentum > 0``.
+    ``last_solve`` holds the latest :class:`CGResult` (iterations, relative residual).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1.0,
+        damping: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        loss: OutputLoss = "mse",
+        cg_iterations: int = 20,
+        cg_tolerance: float = 1e-6,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"natural_gradient needs the nn.Module (it re-runs it), got {type(model).__name__}"
+            )
+        self.settings = NaturalGradientSettings(loss, cg_iterations, cg_tolerance)
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        validate_hyperparams("natural_gradient", defaults)
+        nonneg("damping")("natural_gradient", damping)
+        self._model = model
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        params = [p for p in model.parameters() if p.requires_grad]
+        count = sum(p.numel() for p in params)
+        if count > SMALL_MODEL:
+            warnings.warn(
+                f"natural_gradient: the model has {count} trainable parameters; every CG "
+                f"iteration is a JVP and a VJP through it (meant for <= {SMALL_MODEL})",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().__init__(params, defaults)
+        self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._replaying = False
+        self.last_solve: CGResult | None = None
+        self._handle = model.register_forward_pre_hook(
+            partial(_capture_inputs, weakref.ref(self)), with_kwargs=True
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        foreign = [tuple(p.shape) for p in params if id(p) not in self._names]
+        if foreign:
+            raise ValueError(
+                f"natural_gradient: parameters of shapes {foreign} are not parameters of the "
+                "model it was built with"
+            )
+        extra = {k: v for k, v in param_group.items() if k != "params"}
+        validate_hyperparams("natural_gradient (param group)", extra)
+        if "damping" in extra:
+            nonneg("damping")("natural_gradient (param group)", extra["damping"])
+        super().add_param_group({**param_group, "params": params})
+
+    def remove_hooks(self) -> None:
+        """Stop recording the model's inputs (``step()`` then raises until hooks are back)."""
+        self._handle.remove()
+        self._inputs = None
+
+    @contextmanager
+    def _replay(self) -> Iterator[None]:
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            self._natural_step()
+        finally:
+            self._inputs = None  # never reuse a batch for a later step
+        return loss
+
+    def _natural_step(self) -> None:
+        entries = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not entries:
+            return
+        if self._inputs is None:
+            raise RuntimeError(
+                "natural_gradient: step() needs the inputs of a forward pass of the model made "
+                "in training mode with gradients enabled since the last step; none was seen "
+                "(model in eval mode? forward under torch.no_grad? hooks removed?)"
+            )
+        dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in entries) else (
+            torch.float32
+        )
+        names = [self._names[id(p)] for _, p in entries]
+        sizes = [p.numel() for _, p in entries]
+        b = torch.cat([p.grad.reshape(-1).to(dtype) for _, p in entries])
+        if not bool(b.any()):
+            direction = torch.zeros_like(b)
+            self.last_solve = CGResult(0, 0.0, True)
+        else:
+            damping = torch.cat(
+                [torch.full((n,), float(g["damping"]), dtype=dtype, device=b.device)
+                 for (g, _), n in zip(entries, sizes, strict=True)]
+            )
+            direction = self._solve(entries, names, sizes, b, damping)
+        offset = 0
+        for (group, p), n in zip(entries, sizes, strict=True):
+            self._apply(group, p, direction[offset : offset + n].view(p.shape))
+            offset += n
+
+    def _solve(
+        self,
+        entries: list[tuple[dict[str, Any], Tensor]],
+        names: list[str],
+        sizes: list[int],
+        b: Tensor,
+        damping: Tensor,
+    ) -> Tensor:
+        assert self._inputs is not None
+        args, kwargs = self._inputs
+        model = self._model
+        primals = {name: p.detach() for name, (_, p) in zip(names, entries, strict=True)}
+
+        def forward(params: dict[str, Tensor]) -> Tensor:
+            return torch.func.functional_call(model, params, args, kwargs)
+
+        def unflatten(v: Tensor) -> dict[str, Tensor]:
+            parts = v.split(sizes)
+            return {
+                name: part.view(primals[name].shape)
+                for name, part in zip(names, parts, strict=True)
+            }
+
+        with torch.enable_grad(), self._replay(), _running_stats_frozen(model):
+            product = gauss_newton_operator(forward, primals, self.settings.loss, b.dtype)
+
+            def matvec(v: Tensor) -> Tensor:
+                gv = product(unflatten(v))
+                flat = torch.cat([gv[name].reshape(-1).to(b.dtype) for name in names])
+                return flat + damping * v
+
+            direction, self.last_solve = conjugate_gradient(
+                matvec,
+                b,
+                max_iterations=self.settings.cg_iterations,
+                tolerance=self.settings.cg_tolerance,
+            )
+        return direction
+
+    def _apply(self, group: dict[str, Any], p: Tensor, u: Tensor) -> None:
+        momentum = float(group["momentum"])
+        if momentum != 0.0:
+            state = self.state[p]
+            buf = state.get(STATE_MOMENTUM)
+            if buf is None:  # in the parameter's dtype, as torch.optim.SGD keeps it
+                buf = state[STATE_MOMENTUM] = torch.zeros_like(p)
+            u = buf.mul_(momentum).add_(u.to(buf.dtype))
+        lr = float(group["lr"])
+        shrink = 1.0 - lr * float(group["weight_decay"])
+        if p.dtype == u.dtype:
+            if shrink != 1.0:
+                p.mul_(shrink)
+            p.sub_(u, alpha=lr)
+        else:  # low-precision parameters: one rounding, after the float32 arithmetic
+            p.copy_(p.to(u.dtype).mul_(shrink).sub_(u, alpha=lr))
+
+
+def natural_gradient(
+    model: nn.Module,
+    *,
+    lr: float = 1.0,
+    damping: float = 1e-3,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    loss: OutputLoss = "mse",
+    cg_iterations: int = 20,
+    cg_tolerance: float = 1e-6,
+) -> NaturalGradient:
+    """Build :class:`NaturalGradient` for ``model`` (see its docstring for the update)."""
+    return NaturalGradient(
+        model,
+        lr=lr,
+        damping=damping,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        loss=loss,
+        cg_iterations=cg_iterations,
+        cg_tolerance=cg_tolerance,
+    )
+
+
+register(
+    OptimizerSpec(
+        name="natural_gradient",
+        family="second-order",
+        rule="p -= lr * (G + λI)⁻¹ g, G = JᵀHJ (Gauss–Newton = Fisher), solved by CG on "
+        "JVP/VJP products",
+        state="none (1x momentum when momentum > 0); the latest batch's inputs between "
+        "forward and step",
+        state_buffers=0.0,
+        reference="Amari 1998 (Neural Computation 10(2)); Schraudolph 2002; Martens 2010 (ICML)",
+        factory=natural_gradient,
+        needs_model=True,
+    )
+)

@@ -1,0 +1,277 @@
+"""Natural gradient against dense references: Jacobians, explicit Fisher matrices, least squares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import guided_descent as gd
+from guided_descent.optimizers.natural_gradient import NaturalGradient
+from guided_descent.preconditioners.natural_gradient import (
+    conjugate_gradient,
+    gauss_newton_operator,
+)
+
+# torch's forward-mode AD scripts its decompositions on first use and warns that it does so.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
+
+def mlp(dtype=torch.float64, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(dtype)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def dense_gauss_newton(model: nn.Module, x: torch.Tensor, loss: str) -> torch.Tensor:
+    """Jᵀ H J in float64 from the full Jacobian of the outputs (N, C) w.r.t. all parameters."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def outputs(theta: torch.Tensor) -> torch.Tensor:
+        parts = theta.split(sizes)
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        return functional_call(model, params, (x,))
+
+    theta = flat_params(model).double()
+    J = jacrev(outputs)(theta)  # (N, C, P)
+    z = outputs(theta).detach()
+    n, c = z.shape
+    if loss == "mse":
+        return 2.0 / (n * c) * torch.einsum("ncp,ncq->pq", J, J)
+    p = torch.softmax(z, 1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, C, C) per example
+    return torch.einsum("ncp,ncd,ndq->pq", J, H, J) / n
+
+
+def loss_of(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, y) if name == "mse" else F.cross_entropy(out, y)
+
+
+def data(loss: str, dtype=torch.float64, n=6):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64).to(dtype)
+    if loss == "mse":
+        return x, torch.randn(n, 4, generator=g, dtype=torch.float64).to(dtype)
+    return x, torch.randint(0, 4, (n,), generator=g)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_gauss_newton_product_matches_the_dense_jacobian_fisher(loss):
+    model = mlp()
+    x, _ = data(loss)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    product = gauss_newton_operator(
+        lambda ps: functional_call(model, ps, (x,)), params, loss, torch.float64
+    )
+    G = dense_gauss_newton(model, x, loss)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        v = torch.randn(G.shape[0], generator=g, dtype=torch.float64)
+        parts = v.split([p.numel() for p in params.values()])
+        tangent = {n: t.view(p.shape) for (n, p), t in zip(params.items(), parts, strict=True)}
+        Gv = torch.cat([t.reshape(-1) for t in product(tangent).values()])
+        torch.testing.assert_close(Gv, G @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_damping_reaches_the_least_squares_minimum_in_one_step():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 2).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    opt = gd.create(
+        "natural_gradient", layer, lr=1.0, damping=0.0, cg_iterations=50, cg_tolerance=1e-14
+    )
+    opt.zero_grad()
+    F.mse_loss(layer(x), y).backward()
+    opt.step()
+    X = torch.cat([x, torch.ones(32, 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(X, y).solution  # (5, 2): [Wᵀ; b]
+    torch.testing.assert_close(layer.weight.detach(), solution[:4].T, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.bias.detach(), solution[4], rtol=1e-9, atol=1e-10)
+    assert opt.last_solve is not None and opt.last_solve.converged
+    assert opt.last_solve.iterations <= 10  # exact arithmetic would need <= 10 = #params
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_step_equals_the_dense_damped_solve(loss):
+    model = mlp()
+    x, y = data(loss)
+    theta = flat_params(model)
+    G = dense_gauss_newton(model, x, loss)
+    opt = gd.create(
+        "natural_gradient", model, lr=0.5, damping=0.1, loss=loss, cg_iterations=100,
+        cg_tolerance=1e-13,
+    )
+    opt.zero_grad()
+    loss_of(loss, model(x), y).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    opt.step()
+    eye = torch.eye(len(theta), dtype=torch.float64)
+    expected = theta - 0.5 * torch.linalg.solve(G + 0.1 * eye, grad)
+    torch.testing.assert_close(flat_params(model), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_momentum_and_decoupled_weight_decay_follow_the_update_rule():
+    model = mlp()
+    x, y = data("cross_entropy")
+    lr, mu, wd, lam = 0.3, 0.5, 0.1, 0.05
+    opt = gd.create(
+        "natural_gradient", model, lr=lr, damping=lam, momentum=mu, weight_decay=wd,
+        loss="cross_entropy", cg_iterations=100, cg_tolerance=1e-13,
+    )
+    theta = flat_params(model)
+    buf = torch.zeros_like(theta)
+    for _ in range(2):
+        G = dense_gauss_newton(model, x, "cross_entropy")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        u = torch.linalg.solve(G + lam * torch.eye(len(theta), dtype=torch.float64), grad)
+        buf = mu * buf + u
+        theta = theta * (1 - lr * wd) - lr * buf
+        opt.step()
+        torch.testing.assert_close(flat_params(model), theta, rtol=1e-9, atol=1e-11)
+    assert set(opt.state[model[0].weight]) == {"natural_gradient.momentum_buffer"}
+
+
+@pytest.mark.parametrize("dtype, min_cosine", [(torch.float32, 0.999999), (torch.bfloat16, 0.999)])
+def test_low_precision_models_step_along_the_float64_direction(dtype, min_cosine):
+    reference = mlp()
+    x, y = data("cross_entropy", n=16)
+    G = dense_gauss_newton(reference, x, "cross_entropy")
+    reference.zero_grad()
+    F.cross_entropy(reference(x), y).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+    expected = -torch.linalg.solve(G + 0.1 * torch.eye(len(grad), dtype=torch.float64), grad)
+
+    model = mlp().to(dtype)
+    theta = flat_params(model).double()
+    opt = gd.create(
+        "natural_gradient", model, lr=1.0, damping=0.1, loss="cross_entropy", cg_iterations=60
+    )
+    opt.zero_grad()
+    F.cross_entropy(model(x.to(dtype)), y).backward()
+    opt.step()
+    assert all(p.dtype == dtype for p in model.parameters())
+    move = flat_params(model).double() - theta
+    cosine = float(move @ expected / (move.norm() * expected.norm()))
+    assert cosine > min_cosine
+
+
+def test_inputs_come_from_the_latest_training_mode_forward_pass():
+    model = mlp()
+    x, y = data("mse")
+    opt = gd.create("natural_gradient", model)
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    # The batch is used once: a second step without a forward pass is refused.
+    with pytest.raises(RuntimeError, match="training mode"):
+        opt.step()
+    model.eval()
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt.step()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        opt.step()
+
+
+class Scaled(nn.Module):
+    """A linear model whose forward takes a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return self.out(x) * scale
+
+
+def test_keyword_inputs_are_replayed():
+    torch.manual_seed(0)
+    model = Scaled().double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(16, 2, generator=g, dtype=torch.float64)
+    opt = gd.create("natural_gradient", model, damping=0.0, cg_iterations=50, cg_tolerance=1e-14)
+    opt.zero_grad()
+    F.mse_loss(model(x, scale=3.0), y).backward()
+    opt.step()
+    # Curvature taken with scale=3 (not the default 1): the Newton step lands on the minimum.
+    X = torch.cat([x, torch.ones(16, 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(3.0 * X, y).solution
+    torch.testing.assert_close(model.out.weight.detach(), solution[:3].T, rtol=1e-9, atol=1e-10)
+
+
+def test_batchnorm_is_replayed_with_batch_statistics_and_running_ones_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    # The same training-mode function, without running statistics, for the dense reference.
+    twin = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False),
+                         nn.Linear(4, 2)).double()
+    twin.load_state_dict(model.state_dict(), strict=False)
+    G = dense_gauss_newton(twin, x, "mse")
+    theta = flat_params(model)
+    opt = gd.create("natural_gradient", model, damping=0.1, cg_iterations=100, cg_tolerance=1e-13)
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    running = [b.clone() for b in model[1].buffers()]
+    opt.step()
+    for b, r in zip(model[1].buffers(), running, strict=True):
+        assert torch.equal(b, r)
+    assert model[1].track_running_stats
+    expected = theta - torch.linalg.solve(G + 0.1 * torch.eye(len(G), dtype=torch.float64), grad)
+    torch.testing.assert_close(flat_params(model), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_conjugate_gradient_solves_spd_systems_and_stops_early():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    A = M @ M.T + 0.5 * torch.eye(12, dtype=torch.float64)
+    b = torch.randn(12, generator=g, dtype=torch.float64)
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_iterations=100, tolerance=1e-12)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+    assert info.converged and info.iterations <= 14 and info.relative_residual <= 1e-12
+    zero, info = conjugate_gradient(lambda v: A @ v, torch.zeros(12), max_iterations=5,
+                                    tolerance=1e-6)
+    assert torch.equal(zero, torch.zeros(12)) and info.iterations == 0
+    _, info = conjugate_gradient(lambda v: A @ v, b, max_iterations=3, tolerance=1e-12)
+    assert info.iterations == 3 and not info.converged
+    _, info = conjugate_gradient(lambda v: -v, b, max_iterations=5, tolerance=1e-12)
+    assert not info.converged  # negative curvature: stops instead of diverging
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(loss="hinge"), "loss.*'hinge'"),
+        (dict(cg_iterations=0), "cg_iterations.*0"),
+        (dict(cg_tolerance=-1.0), "cg_tolerance.*-1.0"),
+        (dict(damping=-0.5), "damping.*-0.5"),
+    ],
+)
+def test_invalid_settings_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gd.create("natural_gradient", mlp(), **kwargs)
+
+
+def test_needs_the_model_and_only_its_parameters():
+    with pytest.raises(TypeError, match="needs the model"):
+        gd.create("natural_gradient", list(mlp().parameters()))
+    opt = gd.create("natural_gradient", mlp())
+    assert isinstance(opt, NaturalGradient)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
