@@ -1,4 +1,4 @@
-"""Lion against a plain reference written from the paper's pseudo-code (arXiv 2302.06675, Alg. 2)."""
+"""Lion against a plain reference written from the paper's pseudo-code (arXiv 2302.06675)."""
 
 from __future__ import annotations
 

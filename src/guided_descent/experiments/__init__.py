@@ -1,4 +1,4 @@
-"""Experiments: one module per experiment, each a frozen ``Config`` plus ``run(config, run, progress)``.
+"""Experiments: one module each, a frozen ``Config`` plus ``run(config, run, progress)``.
 
 An experiment module provides
 
@@ -51,11 +51,22 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
 # What `guided-descent run` runs when no experiment is named.
 FLAGSHIP: tuple[str, ...] = ("moons", "quadratic")
 
+# `guided-descent bench KIND`: measurements of the library itself, recorded like experiments.
+BENCHMARKS: dict[str, ExperimentInfo] = {
+    "step": ExperimentInfo(
+        "bench_step",
+        "guided_descent.experiments.bench_step",
+        "time optimizer.step() and state memory on GPT-2-small shapes, vs fused AdamW",
+    ),
+}
+
 
 def get_experiment(name: str) -> ExperimentInfo:
-    if name not in EXPERIMENTS:
+    """An experiment by name, or a benchmark by its record name (``bench_step``)."""
+    known = {**EXPERIMENTS, **{b.name: b for b in BENCHMARKS.values()}}
+    if name not in known:
         raise unknown_name("experiment", name, EXPERIMENTS)
-    return EXPERIMENTS[name]
+    return known[name]
 
 
 def execute(name: str, config: ExperimentConfig, run: RunDir, progress: Progress) -> None:
@@ -69,6 +80,7 @@ def execute(name: str, config: ExperimentConfig, run: RunDir, progress: Progress
 
 
 __all__ = [
+    "BENCHMARKS",
     "EXPERIMENTS",
     "FLAGSHIP",
     "ExperimentConfig",

@@ -1,0 +1,1 @@
+"""The ``guided-descent`` command line (argument parsing and printing only)."""

@@ -1,0 +1,252 @@
+"""The ``guided-descent`` command: argument parsing and printing only.
+
+    guided-descent list
+    guided-descent run [EXPERIMENT] [--quick] [--out DIR] [--seeds N] [--steps N] [--device D]
+                       [--optimizers a,b] [experiment flags]
+    guided-descent bench step [--device D] [--optimizers a,b] [--out DIR] [--quick]
+    guided-descent report RUN_DIR
+
+Exit codes: 0 success, 1 a run or report that failed (one-line message), 2 bad usage,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from guided_descent.cli.args import add_config_arguments
+from guided_descent.experiments.records import RunDirError
+
+PROG = "guided-descent"
+_EXTRA_MODULES = {"numpy", "matplotlib", "sklearn", "tqdm"}
+
+
+class UsageError(Exception):
+    """Bad input found after parsing; printed with the usage and exit code 2."""
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="a reduced configuration that finishes in well under a minute on 2 CPU cores",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="write the run into exactly DIR (default: runs/<experiment>/<timestamp>)",
+    )
+    _add_quiet(parser)
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice; 1 is often fastest for small models "
+        "on a busy machine)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from guided_descent.experiments import BENCHMARKS, EXPERIMENTS, FLAGSHIP
+    from guided_descent.experiments.config import ExperimentConfig
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Optimizers from SGD to layer-wise preconditioning, and the experiments "
+        "that show when they matter.",
+    )
+    _add_quiet(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser("list", help="list experiments and optimizers, one line each")
+
+    run = commands.add_parser(
+        "run",
+        help="run an experiment and write its report",
+        description="Run EXPERIMENT (default: the flagship " + " + ".join(FLAGSHIP) + ") and "
+        "write config.json, env.json, metrics.jsonl, summary.json, figures and report.md.",
+    )
+    _add_run_flags(run)
+    add_config_arguments(run, ExperimentConfig, only={"seeds", "device"})
+    experiments = run.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    for info in EXPERIMENTS.values():
+        config_cls = info.load().Config
+        sub = experiments.add_parser(
+            info.name, help=info.summary, description=config_cls.__doc__ or info.summary
+        )
+        _add_run_flags(sub)
+        add_config_arguments(sub, config_cls)
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark the optimizers (step time, memory) and write a report",
+        description="Benchmarks write a run directory like `run` does.",
+    )
+    kinds = bench.add_subparsers(dest="benchmark", metavar="KIND", required=True)
+    for kind, info in BENCHMARKS.items():
+        config_cls = info.load().Config
+        sub = kinds.add_parser(kind, help=info.summary, description=config_cls.__doc__)
+        _add_run_flags(sub)
+        add_config_arguments(sub, config_cls)
+
+    report = commands.add_parser(
+        "report", help="re-render a run's tables and figures from its files (no training)"
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    _add_quiet(report)
+    return parser
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import guided_descent
+    from guided_descent.experiments import BENCHMARKS, EXPERIMENTS
+
+    print("Experiments:")
+    for info in EXPERIMENTS.values():
+        print(f"  {info.name:<18} {info.summary}")
+    print("Benchmarks:")
+    for kind, info in BENCHMARKS.items():
+        print(f"  {kind:<18} {info.summary}")
+    print("Optimizers:")
+    for spec in guided_descent.optimizers().values():
+        print(f"  {spec.summary()}  [{spec.reference}]")
+    return 0
+
+
+def _config(name: str, args: argparse.Namespace) -> Any:
+    from guided_descent.experiments import get_experiment
+
+    config_cls = get_experiment(name).load().Config
+    base = config_cls.quick() if getattr(args, "quick", False) else config_cls()
+    names = {f for f in base.__dataclass_fields__}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        return base.replace(**overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{name}: {e}") from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from guided_descent.experiments import FLAGSHIP, execute
+    from guided_descent.experiments.progress import Progress
+    from guided_descent.experiments.records import RunDir, default_run_dir
+    from guided_descent.report import render
+
+    progress = Progress(enabled=not getattr(args, "quiet", False))
+    name = getattr(args, "experiment", None)
+    names = [name] if name else list(FLAGSHIP)
+    configs = {n: _config(n, args) for n in names}  # validate everything before any work
+    out = getattr(args, "out", None) or default_run_dir(name or "flagship")
+    top = RunDir.create(out)
+    for n, config in configs.items():
+        run = top if name else RunDir.create(top.path / n)
+        print(f"running {n} -> {run.path}", file=sys.stderr)
+        execute(n, config, run, progress)
+    report = render(top.path)
+    _print_claims(top.path)
+    print(report)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from guided_descent.experiments import BENCHMARKS, execute
+    from guided_descent.experiments.progress import Progress
+    from guided_descent.experiments.records import RunDir, default_run_dir
+    from guided_descent.report import render
+
+    info = BENCHMARKS[args.benchmark]
+    config = _config(info.name, args)
+    run = RunDir.create(getattr(args, "out", None) or default_run_dir(info.name))
+    print(f"running {info.name} -> {run.path}", file=sys.stderr)
+    execute(info.name, config, run, Progress(enabled=not getattr(args, "quiet", False)))
+    report = render(run.path)
+    _print_claims(run.path)
+    print(report)
+    return 0
+
+
+def _print_claims(path: Path) -> None:
+    from guided_descent.experiments.records import SUMMARY, read_json
+    from guided_descent.report import is_run, sub_runs
+
+    for run_dir in [path] if is_run(path) else sub_runs(path):
+        for claim in read_json(run_dir / SUMMARY)["claims"]:
+            mark = "PASS" if claim["passed"] else "FAIL"
+            print(f"  {mark}  {run_dir.name}: {claim['name']} = {claim['value']}", file=sys.stderr)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from guided_descent.report import render
+
+    print(render(args.run_dir))
+    return 0
+
+
+def _missing_extra(e: ModuleNotFoundError) -> NoReturn:
+    if e.name and e.name.split(".")[0] in _EXTRA_MODULES:
+        _fail(
+            f"this command needs the 'cli' extra (missing module {e.name!r}): "
+            "pip install 'guided-descent[cli]'"
+        )
+    raise e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as e:
+        _missing_extra(e)
+    args = parser.parse_args(argv)
+    commands = {"list": _cmd_list, "run": _cmd_run, "bench": _cmd_bench, "report": _cmd_report}
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return commands[args.command](args)
+    except UsageError as e:
+        parser.error(str(e))
+    except RunDirError as e:
+        _fail(str(e))
+    except ModuleNotFoundError as e:
+        _missing_extra(e)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; finished records are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tasks: the problems experiments train on (data, model, loss and evaluation), one module each."""
