@@ -264,3 +264,24 @@ def test_invalid_hyperparameters_raise_naming_the_value(name, key, bad):
 def test_unknown_hyperparameter_is_a_type_error_listing_accepted(name):
     with pytest.raises(TypeError, match="accepted:"):
         gd.create(name, make_model(), not_a_hyperparameter=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_stays_connected_after_loading_state_before_the_first_step(name):
+    """What training frameworks do on resume: build, attach a scheduler, load, then train."""
+    batch = make_batch()
+
+    def train(load: bool) -> list[torch.Tensor]:
+        model = make_model()
+        opt = build(name, model)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+        if load:  # a state_dict saved before any step, e.g. from a fresh checkpoint
+            opt.load_state_dict(build(name, make_model()).state_dict())
+        for _ in range(3):
+            opt.step(closure_for(model, opt, batch))
+            sched.step()
+        for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+            assert group["lr"] == pytest.approx(base * 0.5**3)
+        return params_of(model)
+
+    assert_same(train(load=True), train(load=False))

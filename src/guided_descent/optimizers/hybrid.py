@@ -13,7 +13,9 @@ state names (``step``, ``exp_avg``, ``exp_avg_sq``), so they behave exactly like
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -50,10 +52,34 @@ def build_groups(
     return items
 
 
+def warn_failure(
+    owner: str, state: dict[str, Any], key: str, shape: tuple[int, ...], what: str
+) -> None:
+    """Count a failed matrix function in ``state[key]``; warn the first time for this parameter."""
+    if state[key] == 0:
+        warnings.warn(
+            f"{owner}: {what} failed for the parameter of shape {shape}; keeping its previous "
+            f"preconditioner (warned once per parameter; failures are counted in state[{key!r}])",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+    state[key] += 1
+
+
+def _saved_copy(value: Any, device: torch.device) -> Any:
+    """``value`` (a tensor, or a list/tuple of them) copied to ``device`` in its saved dtype."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, copy=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_saved_copy(v, device) for v in value)
+    return value
+
+
 class HybridOptimizer(torch.optim.Optimizer):
     """Base class: the subclass's matrix update for its groups, torch's AdamW for ``"adamw"``.
 
-    Subclasses set :attr:`ALGORITHM` and implement :meth:`matrix_step`. Groups given without an
+    Subclasses set :attr:`ALGORITHM`, implement :meth:`matrix_step` and may override
+    :meth:`check_group` to validate their own hyper-parameters. Groups given without an
     ``"algorithm"`` key are split by dimension: ``MIN_NDIM``-D and larger parameters go to the
     matrix method, smaller ones to AdamW. AdamW groups take their missing hyper-parameters from
     ``adamw`` (not from the matrix method's defaults).
@@ -85,6 +111,10 @@ class HybridOptimizer(torch.optim.Optimizer):
                 f"got {algorithm!r}"
             )
         else:
+            self.check_group(
+                f"{self.ALGORITHM} (param group {len(self.param_groups)})",
+                {**self.defaults, **group},
+            )
             small = [tuple(p.shape) for p in group["params"] if p.dim() < self.MIN_NDIM]
             if small:
                 raise ValueError(
@@ -100,6 +130,28 @@ class HybridOptimizer(torch.optim.Optimizer):
             added = self.param_groups[-1]
             for key in [k for k in added if k in self.defaults and k not in _ADAMW_GROUP_KEYS]:
                 del added[key]
+
+    def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
+        """Validate a matrix group's own hyper-parameters (``group`` has the defaults filled in)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, then the matrix groups' state restored in the dtype it was saved in.
+
+        ``Optimizer.load_state_dict`` casts floating state to the parameter's dtype. Matrix
+        methods keep their statistics in float32 even for bfloat16 parameters; cast to bfloat16
+        they would lose what they keep and a resumed run would drift from an uninterrupted one.
+        AdamW groups keep torch's semantics.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        pairs = ((p, g) for g in self.param_groups for p in g["params"])
+        for saved_id, (p, group) in zip(saved_ids, pairs, strict=True):
+            if group["algorithm"] == FALLBACK or saved_id not in state_dict["state"]:
+                continue
+            state = self.state[p]
+            for key, value in state_dict["state"][saved_id].items():
+                if key != "step":
+                    state[key] = _saved_copy(value, p.device)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

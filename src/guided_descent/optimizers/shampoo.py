@@ -9,15 +9,18 @@ registry entry.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, build_groups
+from guided_descent.optimizers.hybrid import (
+    HybridOptimizer,
+    adamw_defaults,
+    build_groups,
+    warn_failure,
+)
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kronecker import compute_dtype, factor_name
@@ -30,6 +33,7 @@ from guided_descent.preconditioners.shampoo import (
     precondition_block,
     shampoo_layout,
 )
+from guided_descent.transforms.descend import descend_
 from guided_descent.transforms.grafting import (
     Grafting,
     accumulate_squares_,
@@ -39,75 +43,6 @@ from guided_descent.transforms.grafting import (
 )
 
 PREFIX = "shampoo"
-
-
-# --- pieces shared with SOAP's shell (candidates for HybridOptimizer) ---------------------------
-
-
-def descend_(p: Tensor, update: Tensor, lr: float, weight_decay: float) -> None:
-    """``p = p (1 - lr wd) - lr update`` in place, rounding to ``p``'s dtype once.
-
-    ``update`` is float32 (float64); a bfloat16 parameter is updated in float32 and rounded at the
-    end, so that small steps are not lost to two roundings.
-    """
-    if p.dtype == update.dtype:
-        if weight_decay != 0.0:
-            p.mul_(1.0 - lr * weight_decay)
-        p.add_(update, alpha=-lr)
-        return
-    new = p.to(update.dtype)
-    if weight_decay != 0.0:
-        new.mul_(1.0 - lr * weight_decay)
-    p.copy_(new.add_(update, alpha=-lr))
-
-
-def _in_dtype(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """A copy of ``value`` with every floating tensor (also inside lists) in ``dtype``."""
-    if isinstance(value, Tensor):
-        target = dtype if value.is_floating_point() else value.dtype
-        return value.to(device=device, dtype=target, copy=True)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_in_dtype(v, dtype, device) for v in value)
-    return value
-
-
-def restore_state_dtypes(
-    optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], algorithm: str
-) -> None:
-    """Undo ``torch.optim``'s cast of loaded state to the parameter dtype, for ``algorithm`` groups.
-
-    ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's dtype.
-    Preconditioner statistics are float32 by design even for bfloat16 parameters
-    (``kronecker.compute_dtype``); cast to bfloat16 they would lose what they keep, and a resumed
-    run would drift from the uninterrupted one. So they are taken again from the saved values, in
-    the compute dtype. ``step`` and AdamW groups keep torch's semantics.
-    """
-    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-    groups = optimizer.param_groups
-    for saved_id, (p, group) in zip(
-        saved_ids, ((p, g) for g in groups for p in g["params"]), strict=True
-    ):
-        if group.get("algorithm") != algorithm or saved_id not in state_dict["state"]:
-            continue
-        state = optimizer.state[p]
-        dtype = compute_dtype(p.dtype)
-        for key, value in state_dict["state"][saved_id].items():
-            if key != "step":
-                state[key] = _in_dtype(value, dtype, p.device)
-
-
-def warn_failure(
-    owner: str, state: dict[str, Any], key: str, shape: tuple[int, ...], what: str
-) -> None:
-    """Count a failed matrix function in ``state[key]``; warn the first time for this parameter."""
-    if state[key] == 0:
-        warnings.warn(
-            f"{owner}: {what} failed for the parameter of shape {shape}; keeping its previous "
-            f"preconditioner (warned once per parameter; failures are counted in state[{key!r}])",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-    state[key] += 1
 
 
 # --- Shampoo ------------------------------------------------------------------------------------
@@ -246,15 +181,8 @@ class Shampoo(HybridOptimizer):
         )
         super().__init__(params, defaults, adamw)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if param_group.get("algorithm", self.ALGORITHM) == self.ALGORITHM:
-            merged = {**self.defaults, **param_group}
-            _check_shampoo_options(f"{PREFIX} (param group {len(self.param_groups)})", merged)
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict, self.ALGORITHM)
+    def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
+        _check_shampoo_options(owner, group)
 
     def _layout(self, p: Tensor, group: Mapping[str, Any]) -> ShampooLayout:
         return shampoo_layout(

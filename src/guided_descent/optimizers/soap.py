@@ -14,9 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, build_groups
+from guided_descent.optimizers.hybrid import (
+    HybridOptimizer,
+    adamw_defaults,
+    build_groups,
+    warn_failure,
+)
 from guided_descent.optimizers.registry import OptimizerSpec, register
-from guided_descent.optimizers.shampoo import descend_, restore_state_dtypes, warn_failure
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kronecker import compute_dtype, factor_name, kronecker_factor
 from guided_descent.preconditioners.soap import (
@@ -26,6 +30,7 @@ from guided_descent.preconditioners.soap import (
     rotated_dims,
     soap_update,
 )
+from guided_descent.transforms.descend import descend_
 
 PREFIX = "soap"
 FAILURES = f"{PREFIX}.failures"
@@ -133,15 +138,8 @@ class SOAP(HybridOptimizer):
         )
         super().__init__(params, defaults, adamw)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if param_group.get("algorithm", self.ALGORITHM) == self.ALGORITHM:
-            merged = {**self.defaults, **param_group}
-            _check_soap_options(f"{PREFIX} (param group {len(self.param_groups)})", merged)
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict, self.ALGORITHM)
+    def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
+        _check_soap_options(owner, group)
 
     @staticmethod
     def _init_state(state: dict[str, Any], p: Tensor, dims: tuple[int, ...]) -> None:

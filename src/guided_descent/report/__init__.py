@@ -1,7 +1,7 @@
 """Reports: tables and figures drawn from a run directory's files, never by re-training.
 
 ``render(run_dir)`` reads ``config.json`` to learn the experiment, then calls
-``guided_descent.report.<experiment>.render(run_dir)``, which writes the PNG figures and
+``guided_descent.report.<experiment, with - as _>.render(run_dir)``, which writes the PNG figures and
 ``report.md`` and returns the report's path. A directory whose sub-directories are runs (what
 ``guided-descent run`` writes for the flagship) gets an index ``report.md`` that joins theirs.
 """
@@ -37,10 +37,11 @@ def render(run_dir: Path) -> Path:
         raise RunDirError(f"{run_dir} is not a directory")
     if is_run(run_dir):
         experiment = read_json(run_dir / CONFIG).get("experiment")
-        if not isinstance(experiment, str) or not experiment.isidentifier():
+        module_name = experiment.replace("-", "_") if isinstance(experiment, str) else ""
+        if not module_name.isidentifier():
             raise RunDirError(f"{run_dir / CONFIG} names no known experiment ({experiment!r})")
         try:
-            module = importlib.import_module(f"guided_descent.report.{experiment}")
+            module = importlib.import_module(f"guided_descent.report.{module_name}")
         except ModuleNotFoundError:
             raise RunDirError(f"no report renderer for experiment {experiment!r}") from None
         if not (run_dir / SUMMARY).is_file():
