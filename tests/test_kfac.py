@@ -380,7 +380,7 @@ def test_fallback_parameters_are_param_groups_of_the_same_optimizer():
     sgd = {"lr": 0.05, "momentum": 0.9}
     opt = gd.create("kfac", model, fallback="sgd", fallback_hyperparams=sgd)
     assert [g["algorithm"] for g in opt.param_groups] == ["kfac", "sgd"]
-    assert type(opt._fallback) is torch.optim.SGD
+    assert isinstance(opt._fallback, torch.optim.SGD)
     text = repr(opt)
     assert "grouped Conv2d (groups=2)" in text and "gain" in text and "norm.weight" in text
     kfac_ids = {id(p) for p in opt.param_groups[0]["params"]}

@@ -162,7 +162,9 @@ def _build(name: str, model: GPT) -> tuple[torch.optim.Optimizer, int]:
         named = dict(model.named_parameters())
         hidden = [named[r.name] for r in table.routes if r.algorithm == "muon"]
         return torch.optim.Muon(hidden, lr=0.02), sum(p.numel() for p in hidden)
-    opt = gd.create(name, model)
+    # The update rule alone, as fused AdamW has no finiteness check (the guard's cost: one
+    # read of every gradient and one sync per step).
+    opt = gd.create(name, model, on_nonfinite="off")
     return opt, sum(p.numel() for g in opt.param_groups for p in g["params"])
 
 

@@ -216,7 +216,8 @@ class Track:
             return newton
         # theta is a plain leaf tensor (requires_grad=False): the gradient is analytic, so no
         # autograd graph is ever built; torch.optim only needs .grad to be set.
-        opt = guided_descent.create(self.method, [theta], **self.hyper)
+        # Seeds share one tensor: a skip on one row's overflow would freeze all rows, so no guard.
+        opt = guided_descent.create(self.method, [theta], on_nonfinite="off", **self.hyper)
 
         def first_order() -> None:
             theta.grad = task.gradient(hessians, theta)  # (S, d) float64

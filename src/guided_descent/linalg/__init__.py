@@ -5,9 +5,16 @@ One canonical implementation of each: no optimizer keeps its own copy (DESIGN ru
 
 from guided_descent.linalg.matrix_functions import (
     MatrixFunctionError,
+    condition_number,
     eigh,
     inverse_root,
     matrix_power_from_eigh,
 )
 
-__all__ = ["MatrixFunctionError", "eigh", "inverse_root", "matrix_power_from_eigh"]
+__all__ = [
+    "MatrixFunctionError",
+    "condition_number",
+    "eigh",
+    "inverse_root",
+    "matrix_power_from_eigh",
+]

@@ -24,7 +24,7 @@ to the next instead of flipping.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -69,12 +69,29 @@ def eigenbasis(P: Tensor) -> Tensor:
     return vecs.flip(-1)
 
 
-def refresh_eigenbasis(P: Tensor, Q: Tensor) -> EigenbasisRefresh:
+@overload
+def refresh_eigenbasis(
+    P: Tensor, Q: Tensor, *, return_estimates: Literal[False] = ...
+) -> EigenbasisRefresh: ...
+
+
+@overload
+def refresh_eigenbasis(
+    P: Tensor, Q: Tensor, *, return_estimates: Literal[True]
+) -> tuple[EigenbasisRefresh, Tensor]: ...
+
+
+def refresh_eigenbasis(
+    P: Tensor, Q: Tensor, *, return_estimates: bool = False
+) -> EigenbasisRefresh | tuple[EigenbasisRefresh, Tensor]:
     """One sorted subspace-iteration step ``Q ← qr(P Q[:, π])`` (see the module docstring).
 
     Args:
         P: ``(..., n, n)`` symmetric PSD matrices (e.g. Shampoo's factor ``L``), any float dtype.
         Q: ``(..., n, n)`` the current orthonormal bases, same shape as ``P``.
+        return_estimates: also return the Rayleigh quotients ``diag(Qᵀ P Q)`` ``(..., n)``,
+            sorted descending: the eigenvalues the old basis estimates, computed anyway for the
+            sort (e.g. for a condition-number estimate at no extra cost).
 
     Computes in float32 (float64 when ``P`` is float64). Never returns NaN and never raises for
     bad values: where ``P`` or the result is not finite, or QR fails, the old basis is returned
@@ -105,12 +122,15 @@ def refresh_eigenbasis(P: Tensor, Q: Tensor) -> EigenbasisRefresh:
         Q_new, R = torch.linalg.qr(PQ.gather(-1, columns))
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         failed = torch.zeros(P.shape[:-2], dtype=torch.bool, device=P.device)
-        return EigenbasisRefresh(Q, identity, failed)
+        result = EigenbasisRefresh(Q, identity, failed)
+        return (result, estimates) if return_estimates else result
     signs = R.diagonal(dim1=-2, dim2=-1).sign()
     signs = torch.where(signs == 0, 1.0, signs)  # rank-deficient P: leave those columns be
     Q_new = Q_new * signs.unsqueeze(-2)
 
     ok = finite_in & torch.isfinite(Q_new).all(-1).all(-1)
     basis = torch.where(ok[..., None, None], Q_new, Q)
-    order = torch.where(ok[..., None], order, identity)
-    return EigenbasisRefresh(basis, order, ok)
+    result = EigenbasisRefresh(basis, torch.where(ok[..., None], order, identity), ok)
+    if not return_estimates:
+        return result
+    return result, estimates.gather(-1, order)

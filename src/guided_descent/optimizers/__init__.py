@@ -7,6 +7,13 @@ from guided_descent.optimizers import muon as _muon  # noqa: F401
 from guided_descent.optimizers import natural_gradient as _natural_gradient  # noqa: F401
 from guided_descent.optimizers import shampoo as _shampoo  # noqa: F401
 from guided_descent.optimizers import soap as _soap  # noqa: F401
+from guided_descent.optimizers.checkpoint import (
+    CheckpointError,
+    StateDictMismatchError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from guided_descent.optimizers.guard import GuardedOptimizer, NonFiniteGradientError
 from guided_descent.optimizers.lion import Lion, lion
 from guided_descent.optimizers.registry import (
     OptimizerSpec,
@@ -18,12 +25,18 @@ from guided_descent.optimizers.registry import (
 )
 
 __all__ = [
+    "CheckpointError",
+    "GuardedOptimizer",
     "Lion",
+    "NonFiniteGradientError",
     "OptimizerSpec",
+    "StateDictMismatchError",
     "UnknownNameError",
     "create",
     "get_spec",
     "lion",
+    "load_checkpoint",
     "optimizers",
     "register",
+    "save_checkpoint",
 ]

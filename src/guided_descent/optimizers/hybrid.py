@@ -9,12 +9,20 @@ and training frameworks see a single optimizer.
 The AdamW groups are updated by torch's own functional ``torch.optim.adamw.adamw`` with torch's
 state names (``step``, ``exp_avg``, ``exp_avg_sq``), so they behave exactly like
 ``torch.optim.AdamW``.
+
+The base also carries the library's guard
+(:class:`~guided_descent.optimizers.guard.GuardedOptimizer`: non-finite gradients, versioned state
+dict, ``diagnostics()``) and the bookkeeping shared by the matrix methods' failure handling: a
+failed matrix function keeps the previous preconditioner, is counted in the parameter's state and
+warns once per parameter (:func:`warn_failure`); the step of the last complete refresh is kept
+(:func:`mark_refreshed`) so that ``diagnostics()`` reports the preconditioner's age, and the
+condition numbers of the latest refresh are kept for it too (:meth:`observe_condition`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from itertools import chain
 from typing import Any, ClassVar
 
@@ -22,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw as torch_adamw
 
+from guided_descent.optimizers.diagnostics import adam_step_rms
+from guided_descent.optimizers.guard import GuardedOptimizer
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.routing import FALLBACK, route, split_by_ndim
 
@@ -75,7 +85,25 @@ def _saved_copy(value: Any, device: torch.device) -> Any:
     return value
 
 
-class HybridOptimizer(torch.optim.Optimizer):
+def mark_refreshed(
+    refreshed: Iterable[tuple[Tensor, dict[str, Any]]], failed: set[int], key: str
+) -> None:
+    """``state[key] = step`` for each refreshed (parameter, state) none of whose factors failed
+    (``failed``: ids of parameters with a failure): its preconditioner is entirely new."""
+    for p, state in refreshed:
+        if id(p) not in failed:
+            state[key] = int(state["step"].item())
+
+
+def refresh_age(state: Mapping[str, Any], key: str) -> int | None:
+    """Steps since the last complete refresh recorded under ``state[key]`` (``None``: never)."""
+    refreshed = state.get(key)
+    if refreshed is None or "step" not in state:
+        return None
+    return int(state["step"]) - int(refreshed)
+
+
+class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
     """Base class: the subclass's matrix update for its groups, torch's AdamW for ``"adamw"``.
 
     Subclasses set :attr:`ALGORITHM`, implement :meth:`matrix_step` and may override
@@ -88,20 +116,29 @@ class HybridOptimizer(torch.optim.Optimizer):
     ALGORITHM: ClassVar[str]
     MIN_NDIM: ClassVar[int] = 2
 
-    def __init__(self, params: Any, defaults: dict[str, Any], adamw: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        adamw: dict[str, Any],
+        on_nonfinite: str = "skip",
+    ) -> None:
         validate_hyperparams(f"{self.ALGORITHM} (adamw groups)", adamw)
+        self._init_guard(on_nonfinite)
         self._adamw_defaults = dict(adamw)
         super().__init__(params, {**defaults, "algorithm": self.ALGORITHM})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
         algorithm = group.get("algorithm")
+        owner = f"{self.ALGORITHM} (param group {len(self.param_groups)})"
         if algorithm is None:
             params = group.pop("params")
             params = [params] if isinstance(params, Tensor) else list(params)
             for part in split_by_ndim(params, self.ALGORITHM, self.MIN_NDIM):
                 self.add_param_group({**group, **part})
             return
+        validate_hyperparams(owner, group)
         if algorithm == FALLBACK:
             for key in ADAMW_KEYS:
                 group.setdefault(key, self._adamw_defaults[key])
@@ -111,10 +148,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                 f"got {algorithm!r}"
             )
         else:
-            self.check_group(
-                f"{self.ALGORITHM} (param group {len(self.param_groups)})",
-                {**self.defaults, **group},
-            )
+            self.check_group(owner, {**self.defaults, **group})
             small = [tuple(p.shape) for p in group["params"] if p.dim() < self.MIN_NDIM]
             if small:
                 raise ValueError(
@@ -122,7 +156,6 @@ class HybridOptimizer(torch.optim.Optimizer):
                     f"got shapes {small} in a group marked {self.ALGORITHM!r} (send them to "
                     f"{FALLBACK!r})"
                 )
-        validate_hyperparams(f"{self.ALGORITHM} ({algorithm} group)", group)
         super().add_param_group(group)
         if algorithm == FALLBACK:
             # torch fills every default of the matrix method into each group; an AdamW group
@@ -132,7 +165,43 @@ class HybridOptimizer(torch.optim.Optimizer):
                 del added[key]
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
-        """Validate a matrix group's own hyper-parameters (``group`` has the defaults filled in)."""
+        """Checks across a matrix group's keys (``group`` has the defaults filled in); the keys
+        one at a time are checked by ``validation.CHECKS``."""
+
+    def expected_state(
+        self, p: Tensor, group: Mapping[str, Any]
+    ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
+        if group["algorithm"] == FALLBACK:
+            keys = ("step", "exp_avg", "exp_avg_sq")
+            return keys, {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+        return self.matrix_state(p, group)
+
+    def matrix_state(
+        self, p: Tensor, group: Mapping[str, Any]
+    ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
+        """:meth:`expected_state` for a parameter of a matrix group."""
+        return (), {}
+
+    def _param_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        if group["algorithm"] == FALLBACK:
+            state = self.state.get(p)
+            return {"update_rms": adam_step_rms(p, group, state) if state else None}
+        return {**super()._param_diagnostics(p, group), **self.matrix_diagnostics(p, group)}
+
+    def matrix_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        """Diagnostics of a parameter of a matrix group beyond the recorded update RMS."""
+        return {}
+
+    def observe_condition(self, p: Tensor, factor: Hashable, condition: Tensor) -> None:
+        """Keep the condition number of one of ``p``'s factors from its latest refresh."""
+        conditions = self._observation(p).get("conditions", {})
+        conditions[factor] = condition
+        self._observe(p, conditions=conditions)
+
+    def worst_condition(self, p: Tensor) -> Tensor | None:
+        """The largest kept condition number over ``p``'s factors (``None``: none kept)."""
+        conditions = self._observation(p).get("conditions")
+        return torch.stack(list(conditions.values())).amax() if conditions else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, then the matrix groups' state restored in the dtype it was saved in.
@@ -154,17 +223,12 @@ class HybridOptimizer(torch.optim.Optimizer):
                     state[key] = _saved_copy(value, p.device)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             if group["algorithm"] == FALLBACK:
                 self._adamw_step(group)
             else:
                 self.matrix_step(group)
-        return loss
 
     def matrix_step(self, group: dict[str, Any]) -> None:
         raise NotImplementedError

@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
@@ -62,13 +62,10 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from guided_descent.linalg.matrix_functions import MatrixFunctionError
+from guided_descent.optimizers.diagnostics import rms
+from guided_descent.optimizers.guard import GuardedOptimizer
 from guided_descent.optimizers.registry import OptimizerSpec, create, get_spec, register
-from guided_descent.optimizers.validation import (
-    nonneg,
-    positive_int,
-    unit_interval,
-    validate_hyperparams,
-)
+from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kfac import (
     ConvGeometry,
     Likelihood,
@@ -88,20 +85,6 @@ from guided_descent.preconditioners.kfac import (
 ALGORITHM = "kfac"
 Fisher = Literal["empirical", "sampled", "true"]
 FISHER_TYPES: tuple[str, ...] = get_args(Fisher)
-
-_GROUP_CHECKS = {
-    "damping": nonneg("damping"),
-    "stat_decay": unit_interval("stat_decay"),
-}
-
-
-def _check_group(owner: str, group: Mapping[str, Any]) -> None:
-    """Shared keys (lr, momentum, weight_decay) by ``validation``, then K-FAC's own."""
-    validate_hyperparams(owner, group)
-    for key, check in _GROUP_CHECKS.items():
-        if key in group:
-            check(owner, group[key])
-
 
 @dataclass(frozen=True)
 class KFACSettings:
@@ -124,16 +107,14 @@ class KFACSettings:
             raise ValueError(f"kfac: fisher must be one of {FISHER_TYPES}, got {self.fisher!r}")
         if self.fisher == "true":
             object.__setattr__(self, "fisher", "sampled")
-        positive_int("factor_frequency")("kfac", self.factor_frequency)
-        positive_int("inverse_frequency")("kfac", self.inverse_frequency)
-        if self.kl_clip is not None:
-            value = self.kl_clip
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0
-            ):
-                raise ValueError(
-                    f"kfac: kl_clip must be None or a finite number > 0, got {value!r}"
-                )
+        validate_hyperparams(
+            "kfac",
+            {
+                "factor_frequency": self.factor_frequency,
+                "inverse_frequency": self.inverse_frequency,
+                "kl_clip": self.kl_clip,
+            },
+        )
 
 
 @dataclass(eq=False)
@@ -255,7 +236,7 @@ def find_layers(model: nn.Module) -> tuple[list[_Layer], list[tuple[str, nn.Para
     return layers, rest
 
 
-class KFAC(torch.optim.Optimizer):
+class KFAC(GuardedOptimizer, torch.optim.Optimizer):
     """K-FAC (Martens & Grosse 2015, arXiv 1503.05671; KFC for Conv2d, arXiv 1602.01407).
 
     Update, per preconditioned layer with weight-and-bias gradient ``G`` ``(d_out, d_in+1)``,
@@ -291,15 +272,25 @@ class KFAC(torch.optim.Optimizer):
         fallback: registry name of the first-order optimizer for the other parameters.
             Default ``"adamw"``.
         fallback_hyperparams: keyword arguments for the fallback (its registry defaults
-            otherwise).
+            otherwise). The fallback runs with ``on_nonfinite="off"``: this optimizer checks all
+            gradients, the fallback's included, once.
+        on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
+            ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`). A skipped step
+            also drops the statistics the layer hooks gathered for it.
 
     The loss is assumed to be a mean over examples (torch's default reduction); factors are
     estimates of per-example second moments. State per layer (on its weight): ``kfac.A``,
     ``kfac.S`` (float32, float64 for float64 layers), ``kfac.A_inv``, ``kfac.S_inv``,
     ``kfac.momentum_buffer`` (``(d_out, d_in+1)``), ``kfac.step`` and
-    ``kfac.inverse_failures`` (ints). A failed inversion (``MatrixFunctionError``) keeps the last
-    good inverses, warns once per layer and counts the failure.
+    ``kfac.inverse_failures`` (ints), ``kfac.inverted_at`` (the step count after the last
+    successful inversion; ``diagnostics()`` reports the age ``kfac.step - kfac.inverted_at``).
+    A failed inversion (``MatrixFunctionError``) keeps the last good inverses, warns once per
+    layer and counts the failure. A batch whose factor statistics hold NaN/Inf (possible only with
+    ``on_nonfinite="off"`` or overflowing activations) is not folded into the factors, so one bad
+    batch cannot spoil every later inversion; it is counted in ``kfac.rejected_statistics``.
     """
+
+    STATE_NAME = "KFAC"
 
     def __init__(
         self,
@@ -316,9 +307,11 @@ class KFAC(torch.optim.Optimizer):
         fisher: Fisher = "empirical",
         fallback: str = "adamw",
         fallback_hyperparams: Mapping[str, Any] | None = None,
+        on_nonfinite: str = "skip",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"kfac needs the nn.Module (it hooks into its layers), got {model!r}")
+        self._init_guard(on_nonfinite)
         self.settings = KFACSettings(fisher, factor_frequency, inverse_frequency, kl_clip)
         defaults: dict[str, Any] = dict(
             lr=lr,
@@ -328,7 +321,7 @@ class KFAC(torch.optim.Optimizer):
             stat_decay=stat_decay,
             algorithm=ALGORITHM,
         )
-        _check_group("kfac", defaults)
+        validate_hyperparams("kfac", defaults)
         if fallback_hyperparams is not None and not isinstance(fallback_hyperparams, Mapping):
             raise TypeError(
                 f"kfac: fallback_hyperparams must be a mapping, got {fallback_hyperparams!r}"
@@ -336,6 +329,8 @@ class KFAC(torch.optim.Optimizer):
 
         self._layers, self._fallback_params = find_layers(model)
         self._by_weight = {id(layer.weight): layer for layer in self._layers}
+        self._by_bias = {id(layer.bias): layer for layer in self._layers if layer.bias is not None}
+        self._names = {id(p): name for name, p in model.named_parameters()}
         self.fallback_name = fallback
         self._fallback_hyperparams = dict(fallback_hyperparams or {})
         self._default_weight_decay = weight_decay
@@ -387,6 +382,8 @@ class KFAC(torch.optim.Optimizer):
         if "weight_decay" in spec.hyperparams:
             hyperparams["weight_decay"] = self._default_weight_decay
         hyperparams.update(self._fallback_hyperparams)
+        # This optimizer checks every gradient, the fallback's included, before its step.
+        hyperparams["on_nonfinite"] = "off"
         return create(self.fallback_name, params, **hyperparams)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -404,7 +401,7 @@ class KFAC(torch.optim.Optimizer):
                     "new parameters without an 'algorithm' key (they go to the fallback "
                     f"{self.fallback_name!r})"
                 )
-            _check_group("kfac (kfac group)", param_group)
+            validate_hyperparams("kfac (kfac group)", param_group)
             super().add_param_group(param_group)
             return
         fallback = self._fallback
@@ -494,19 +491,17 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------ step
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         try:
             self._kfac_step()
         finally:
-            for layer in self._layers:
-                layer.reset()
+            self._discard_step_statistics()
         if self._fallback is not None:
             self._fallback.step()
-        return loss
+
+    def _discard_step_statistics(self) -> None:
+        for layer in self._layers:
+            layer.reset()
 
     def _kfac_step(self) -> None:
         if self.settings.fisher == "sampled":
@@ -524,11 +519,36 @@ class KFAC(torch.optim.Optimizer):
                 if out is None:
                     continue
                 G, U = out
-                predicted_kl += float(group["lr"]) ** 2 * float((G * U).sum())
+                inner = float((G * U).sum())  # the sync K-FAC needs anyway, for KL clipping
+                if not math.isfinite(inner):
+                    U, inner = self._finite_direction(layer, G, U)
+                predicted_kl += float(group["lr"]) ** 2 * inner
                 work.append((layer, group, U))
         nu = kl_clip_factor(predicted_kl, self.settings.kl_clip)
         for layer, group, U in work:
             self._apply(layer, group, U if nu == 1.0 else U * nu)
+
+    def _finite_direction(self, layer: _Layer, G: Tensor, U: Tensor) -> tuple[Tensor, float]:
+        """``(U, ⟨G, U⟩)`` when ``⟨G, U⟩`` only overflowed; else the gradient ``G`` itself.
+
+        Inverses of nearly singular factors (``damping`` 0 or tiny) can be large enough that
+        ``S⁻¹ G A⁻¹`` overflows: such a direction would write Inf/NaN into the weights, so the
+        layer takes its plain gradient this step (as before its first inversion), counted as a
+        failure and warned once.
+        """
+        if bool(torch.isfinite(U).all()):
+            return U, float((G.double() * U.double()).sum())
+        if not bool(torch.isfinite(G).all()):
+            return U, float("nan")  # the gradient itself (on_nonfinite="off"): nothing to save
+        state = self.state[layer.weight]
+        state["kfac.inverse_failures"] += 1
+        self._warn_once(
+            layer,
+            "overflow",
+            "got a non-finite preconditioned gradient (its damped inverses are too large: raise "
+            "damping); it takes the unpreconditioned gradient for such steps",
+        )
+        return G, float((G.double() * G.double()).sum())
 
     def _preconditioned(self, layer: _Layer, group: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
         weight, bias = layer.weight, layer.bias
@@ -572,6 +592,16 @@ class KFAC(torch.optim.Optimizer):
             # No training-mode forward since the last step, or its output did not reach the
             # loss: keep the factors.
             return
+        if not bool(torch.isfinite(layer.a_sum).all() & torch.isfinite(layer.s_sum).all()):
+            # An EMA never forgets a NaN: folding it in would make every later inversion fail.
+            state["kfac.rejected_statistics"] = state.get("kfac.rejected_statistics", 0) + 1
+            self._warn_once(
+                layer,
+                "statistics",
+                "recorded NaN/Inf activation or output-gradient statistics; they were not "
+                "folded into its factors (counted in state['kfac.rejected_statistics'])",
+            )
+            return
         state["kfac.A"] = update_ema(state.get("kfac.A"), layer.a_sum / layer.a_count, decay)
         state["kfac.S"] = update_ema(state.get("kfac.S"), layer.s_sum / layer.s_count, decay)
 
@@ -579,7 +609,7 @@ class KFAC(torch.optim.Optimizer):
         if "kfac.A" not in state:
             return
         try:
-            A_inv, S_inv = damped_inverses(state["kfac.A"], state["kfac.S"], damping)
+            inverses = damped_inverses(state["kfac.A"], state["kfac.S"], damping)
         except MatrixFunctionError as err:
             state["kfac.inverse_failures"] += 1
             kept = "keeping its last good inverse" if "kfac.A_inv" in state else (
@@ -588,7 +618,9 @@ class KFAC(torch.optim.Optimizer):
             message = f"could not invert its damped factors ({err}); {kept}"
             self._warn_once(layer, "inverse", message)
             return
-        state["kfac.A_inv"], state["kfac.S_inv"] = A_inv, S_inv
+        state["kfac.A_inv"], state["kfac.S_inv"] = inverses.A_inv, inverses.S_inv
+        state["kfac.inverted_at"] = state["kfac.step"] + 1  # the count after this step
+        self._observe(layer.weight, condition=inverses.condition)
 
     def _warn_once(self, layer: _Layer, kind: str, message: str) -> None:
         if (layer.name, kind) in self._warned:
@@ -613,6 +645,7 @@ class KFAC(torch.optim.Optimizer):
         for p, update in updates:
             if p.grad is None:
                 continue
+            self._observe(p, update_rms=rms(update, lr))
             if p.dtype == U.dtype:
                 if shrink != 1.0:
                     p.mul_(shrink)
@@ -622,6 +655,47 @@ class KFAC(torch.optim.Optimizer):
         state["kfac.step"] += 1
 
     # ------------------------------------------------------------------------------ state
+
+    def expected_state(
+        self, p: Tensor, group: Mapping[str, Any]
+    ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
+        if group["algorithm"] != ALGORITHM:
+            assert self._fallback is not None  # a fallback group exists only with a fallback
+            return self._fallback.expected_state(p, group)  # type: ignore[attr-defined]
+        layer = self._by_weight.get(id(p))
+        if layer is None:
+            return (), {}  # a folded bias: its layer's state lives on the weight
+        d_out, d_in = layer.shape
+        a_dim = d_in + (layer.bias is not None)
+        shapes = {
+            "kfac.A": (a_dim, a_dim),
+            "kfac.A_inv": (a_dim, a_dim),
+            "kfac.S": (d_out, d_out),
+            "kfac.S_inv": (d_out, d_out),
+            "kfac.momentum_buffer": (d_out, a_dim),
+        }
+        return ("kfac.step", "kfac.inverse_failures"), shapes
+
+    def _param_name(self, p: Tensor) -> str | None:
+        return self._names.get(id(p))
+
+    def _param_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        if group["algorithm"] != ALGORITHM:
+            assert self._fallback is not None
+            return self._fallback._param_diagnostics(p, group)  # type: ignore[attr-defined]
+        layer = self._by_weight.get(id(p)) or self._by_bias.get(id(p))
+        out = super()._param_diagnostics(p, group)
+        state = self.state.get(layer.weight) if layer is not None else None
+        if layer is None or not state:
+            return out
+        inverted_at = state.get("kfac.inverted_at")
+        return {
+            **out,
+            "preconditioner": "kfac",
+            "preconditioner_age": None if inverted_at is None else state["kfac.step"] - inverted_at,
+            "condition_number": self._observation(layer.weight).get("condition"),
+            "failures": state["kfac.inverse_failures"] + state.get("kfac.rejected_statistics", 0),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -685,6 +759,7 @@ def kfac(
     fisher: Fisher = "empirical",
     fallback: str = "adamw",
     fallback_hyperparams: Mapping[str, Any] | None = None,
+    on_nonfinite: str = "skip",
 ) -> KFAC:
     """Build :class:`KFAC` for ``model`` (see its docstring for the update and the arguments)."""
     return KFAC(
@@ -700,6 +775,7 @@ def kfac(
         fisher=fisher,
         fallback=fallback,
         fallback_hyperparams=fallback_hyperparams,
+        on_nonfinite=on_nonfinite,
     )
 
 

@@ -13,13 +13,17 @@ Every coordinate moves by exactly ``lr`` (or 0 where ``c`` is 0), so Lion wants 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from guided_descent.optimizers.guard import GuardedOptimizer
 from guided_descent.optimizers.validation import validate_hyperparams
+from guided_descent.transforms.descend import step_rms
 
 
 def lion(
@@ -33,15 +37,27 @@ def lion(
     weight_decay: float,
     maximize: bool = False,
     foreach: bool = False,
-) -> None:
-    """Apply one Lion step in place to ``params`` and ``exp_avgs`` (functional form)."""
+) -> list[Tensor]:
+    """Apply one Lion step in place to ``params`` and ``exp_avgs`` (functional form).
+
+    Returns the RMS of each parameter's step ``lr · sign(c)`` (weight decay excluded) as 0-d
+    tensors: ``lr`` times the square root of the fraction of non-zero signs, for diagnostics.
+    """
     if foreach:
-        _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
-    else:
-        _lion_single(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
+        return _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
+    return _lion_single(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
 
 
-def _lion_single(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize) -> None:
+def _step_rms(sign_norm: Tensor, numel: int, lr: float) -> Tensor:
+    # ‖sign(c)‖ = sqrt(#non-zeros); the step's RMS is lr·‖sign(c)‖/sqrt(numel).
+    norm = sign_norm.to(torch.promote_types(sign_norm.dtype, torch.float32))
+    return norm * (lr / math.sqrt(numel)) if numel else norm * 0.0
+
+
+def _lion_single(
+    params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize
+) -> list[Tensor]:
+    norms = []
     for p, g, m in zip(params, grads, exp_avgs, strict=True):
         if maximize:
             g = -g
@@ -50,13 +66,18 @@ def _lion_single(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximi
             p.mul_(1.0 - lr * weight_decay)
         p.add_(c.sign_(), alpha=-lr)
         m.lerp_(g, 1.0 - beta2)
+        norms.append(step_rms(c, lr))
+    return norms
 
 
-def _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize) -> None:
+def _lion_foreach(
+    params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize
+) -> list[Tensor]:
     # _foreach kernels need one device and dtype per call.
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype)].append(i)
+    norms: list[Tensor | None] = [None] * len(params)
     for idx in buckets.values():
         ps = [params[i] for i in idx]
         gs = [grads[i] for i in idx]
@@ -69,9 +90,12 @@ def _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maxim
             torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
         torch._foreach_add_(ps, cs, alpha=-lr)
         torch._foreach_lerp_(ms, gs, 1.0 - beta2)
+        for i, norm in zip(idx, torch._foreach_norm(cs, 2.0), strict=True):
+            norms[i] = _step_rms(norm, params[i].numel(), lr)
+    return norms  # type: ignore[return-value]  # every index was filled by its bucket
 
 
-class Lion(torch.optim.Optimizer):
+class Lion(GuardedOptimizer, torch.optim.Optimizer):
     """Lion (EvoLved Sign Momentum), Chen et al. 2023, arXiv 2302.06675.
 
     Args:
@@ -83,9 +107,13 @@ class Lion(torch.optim.Optimizer):
         maximize: ascend instead of descend.
         foreach: use the multi-tensor ``torch._foreach_*`` path; ``None`` picks it when all
             parameters are on a GPU.
+        on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
+            ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
 
     State per parameter: ``exp_avg`` (one buffer the size of the parameter, in its dtype).
     """
+
+    STATE_NAME = "Lion"
 
     def __init__(
         self,
@@ -96,19 +124,22 @@ class Lion(torch.optim.Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        on_nonfinite: str = "skip",
     ) -> None:
         validate_hyperparams("lion", {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+        self._init_guard(on_nonfinite)
         defaults = dict(
             lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach
         )
         super().__init__(params, defaults)
 
+    def expected_state(
+        self, p: Tensor, group: Mapping[str, Any]
+    ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
+        return ("exp_avg",), {"exp_avg": tuple(p.shape)}
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             params, grads, exp_avgs = [], [], []
             for p in group["params"]:
@@ -128,7 +159,7 @@ class Lion(torch.optim.Optimizer):
             if foreach is None:
                 foreach = all(p.is_cuda for p in params)
             beta1, beta2 = group["betas"]
-            lion(
+            step_rms = lion(
                 params,
                 grads,
                 exp_avgs,
@@ -139,4 +170,5 @@ class Lion(torch.optim.Optimizer):
                 maximize=group["maximize"],
                 foreach=foreach,
             )
-        return loss
+            for p, value in zip(params, step_rms, strict=True):
+                self._observe(p, update_rms=value)

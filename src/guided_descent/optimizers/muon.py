@@ -12,15 +12,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from guided_descent.linalg.newton_schulz import JORDAN, Coefficients, coefficient_schedule
 from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, build_groups
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.orthogonalize import (
-    ADJUST_LR,
-    MATRIX_VIEWS,
     AdjustLR,
     MatrixView,
     muon_update,
@@ -43,29 +41,13 @@ def _normalized_coefficients(
 
 
 def _check_muon_options(owner: str, group: Mapping[str, Any]) -> None:
-    """Range checks for the Muon-only keys of a param group (shared keys: ``validation``)."""
-    if "ns_steps" in group:
-        steps = group["ns_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"{owner}: ns_steps must be an integer >= 1, got {steps!r}")
-        if "ns_coefficients" in group:
-            try:
-                coefficient_schedule(group["ns_coefficients"], steps)
-            except ValueError as err:
-                raise ValueError(f"{owner}: {err}") from None
-    if "adjust_lr" in group and group["adjust_lr"] not in ADJUST_LR:
-        raise ValueError(
-            f"{owner}: adjust_lr must be one of {ADJUST_LR}, got {group['adjust_lr']!r}"
-        )
-    if "matrix_view" in group and group["matrix_view"] not in MATRIX_VIEWS:
-        raise ValueError(
-            f"{owner}: matrix_view must be one of {MATRIX_VIEWS}, got {group['matrix_view']!r}"
-        )
-    if "nesterov" in group and not isinstance(group["nesterov"], bool):
-        raise ValueError(f"{owner}: nesterov must be a bool, got {group['nesterov']!r}")
-    dtype = group.get("ns_dtype")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"{owner}: ns_dtype must be None or a floating torch.dtype, got {dtype!r}")
+    """Each key by ``validation.CHECKS``, then the coefficient schedule against ``ns_steps``."""
+    validate_hyperparams(owner, group)
+    if "ns_steps" in group and "ns_coefficients" in group:
+        try:
+            coefficient_schedule(group["ns_coefficients"], group["ns_steps"])
+        except ValueError as err:
+            raise ValueError(f"{owner}: {err}") from None
 
 
 class Muon(HybridOptimizer):
@@ -107,12 +89,18 @@ class Muon(HybridOptimizer):
         ns_dtype: Newton–Schulz compute dtype; ``None``: bfloat16 on CUDA, float32 elsewhere.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups
             (3e-4, (0.9, 0.95), 1e-8, 0).
+        on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
+            ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
 
     State per Muon parameter: ``momentum_buffer`` (its shape and dtype). AdamW parameters:
-    ``step``, ``exp_avg``, ``exp_avg_sq`` as in ``torch.optim.AdamW``.
+    ``step``, ``exp_avg``, ``exp_avg_sq`` as in ``torch.optim.AdamW``. Newton–Schulz needs no
+    fallback: on a finite input it is a fixed polynomial of a matrix normalized to norm <= 1, so
+    its output is finite (the guard keeps non-finite gradients out); there is no stored
+    preconditioner to age.
     """
 
     ALGORITHM = "muon"
+    STATE_NAME = "Muon"
 
     def __init__(
         self,
@@ -131,6 +119,7 @@ class Muon(HybridOptimizer):
         adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
+        on_nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -143,11 +132,10 @@ class Muon(HybridOptimizer):
             matrix_view=matrix_view,
             ns_dtype=ns_dtype,
         )
-        validate_hyperparams("muon", defaults)
         _check_muon_options("muon", defaults)
         defaults["ns_coefficients"] = _normalized_coefficients(ns_coefficients, ns_steps)
         adamw = adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
-        super().__init__(params, defaults, adamw)
+        super().__init__(params, defaults, adamw, on_nonfinite)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check before torch appends the group; a group's keys fall back to the defaults, so a
@@ -176,7 +164,7 @@ class Muon(HybridOptimizer):
             buffers.append(state["momentum_buffer"])
         if not params:
             return
-        muon_update(
+        step_rms = muon_update(
             params,
             grads,
             buffers,
@@ -190,6 +178,16 @@ class Muon(HybridOptimizer):
             ns_coefficients=group["ns_coefficients"],
             ns_dtype=group["ns_dtype"],
         )
+        for p, value in zip(params, step_rms, strict=True):
+            self._observe(p, update_rms=value)
+
+    def matrix_state(
+        self, p: Tensor, group: Mapping[str, Any]
+    ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
+        return ("momentum_buffer",), {"momentum_buffer": tuple(p.shape)}
+
+    def matrix_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {"preconditioner": "newton-schulz"}
 
 
 def muon(
@@ -209,6 +207,7 @@ def muon(
     adamw_eps: float = 1e-8,
     adamw_weight_decay: float = 0.0,
     routing: Mapping[str, str] | None = None,
+    on_nonfinite: str = "skip",
 ) -> Muon:
     """A :class:`Muon` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
 
@@ -233,6 +232,7 @@ def muon(
         adamw_betas=adamw_betas,
         adamw_eps=adamw_eps,
         adamw_weight_decay=adamw_weight_decay,
+        on_nonfinite=on_nonfinite,
     )
 
 

@@ -26,9 +26,10 @@ models when the exact Gauss–Newton matrix matters.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -37,10 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from guided_descent.optimizers.diagnostics import json_float, rms
+from guided_descent.optimizers.guard import GuardedOptimizer
 from guided_descent.optimizers.registry import OptimizerSpec, register
-from guided_descent.optimizers.validation import nonneg, positive_int, validate_hyperparams
+from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.natural_gradient import (
-    OUTPUT_LOSSES,
     CGResult,
     OutputLoss,
     conjugate_gradient,
@@ -60,12 +62,7 @@ class NaturalGradientSettings:
     cg_tolerance: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.loss not in OUTPUT_LOSSES:
-            raise ValueError(
-                f"natural_gradient: loss must be one of {OUTPUT_LOSSES}, got {self.loss!r}"
-            )
-        positive_int("cg_iterations")("natural_gradient", self.cg_iterations)
-        nonneg("cg_tolerance")("natural_gradient", self.cg_tolerance)
+        validate_hyperparams("natural_gradient", dataclasses.asdict(self))
 
 
 def _detach(value: Any) -> Any:
@@ -106,7 +103,7 @@ def _running_stats_frozen(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
-class NaturalGradient(torch.optim.Optimizer):
+class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
     """Damped natural gradient / Gauss–Newton by conjugate gradient (Amari 1998; Martens 2010).
 
     Update, for the gradient ``g`` of all parameters that have one, on the current batch::
@@ -134,11 +131,27 @@ class NaturalGradient(torch.optim.Optimizer):
         cg_iterations: most CG iterations (matrix-vector products) per step; raise it (up to
             the parameter count) for an exact solve. Default 20.
         cg_tolerance: stop CG when ``‖r‖ <= cg_tolerance · ‖g‖``. Default 1e-6.
+        on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
+            ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`). A skipped step
+            also forgets the inputs captured for it.
 
     The CG vectors are float32 (float64 for float64 models); the model is evaluated in its own
     dtype. State per parameter: ``natural_gradient.momentum_buffer`` when ``momentum > 0``.
-    ``last_solve`` holds the latest :class:`CGResult` (iterations, relative residual).
+    ``last_solve`` holds the latest :class:`CGResult` (iterations, relative residual, breakdown,
+    a Lanczos condition-number estimate of ``G + λI``).
+
+    **When the solve fails.** CG breaks down when a direction has non-positive or non-finite
+    curvature (``G`` is singular along the gradient and ``damping = 0``, or the model's products
+    overflow). The iterate reached before the breakdown is a descent direction and is used; if
+    there is none (breakdown on the first product) or the result holds NaN/Inf, the step falls
+    back to the plain gradient ``u = g`` -- what K-FAC does without a curvature estimate. Either
+    way the failure is counted (``diagnostics()``, saved in the state dict) and warned once.
     """
+
+    STATE_NAME = "NaturalGradient"
+    ALGORITHM = "natural_gradient"
+    _solve_failures: int = 0
+    _warned_solve: bool = False
 
     def __init__(
         self,
@@ -151,15 +164,16 @@ class NaturalGradient(torch.optim.Optimizer):
         loss: OutputLoss = "mse",
         cg_iterations: int = 20,
         cg_tolerance: float = 1e-6,
+        on_nonfinite: str = "skip",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"natural_gradient needs the nn.Module (it re-runs it), got {type(model).__name__}"
             )
+        self._init_guard(on_nonfinite)
         self.settings = NaturalGradientSettings(loss, cg_iterations, cg_tolerance)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         validate_hyperparams("natural_gradient", defaults)
-        nonneg("damping")("natural_gradient", damping)
         self._model = model
         self._names = {id(p): name for name, p in model.named_parameters()}
         params = [p for p in model.parameters() if p.requires_grad]
@@ -190,8 +204,6 @@ class NaturalGradient(torch.optim.Optimizer):
             )
         extra = {k: v for k, v in param_group.items() if k != "params"}
         validate_hyperparams("natural_gradient (param group)", extra)
-        if "damping" in extra:
-            nonneg("damping")("natural_gradient (param group)", extra["damping"])
         super().add_param_group({**param_group, "params": params})
 
     def remove_hooks(self) -> None:
@@ -208,16 +220,14 @@ class NaturalGradient(torch.optim.Optimizer):
             self._replaying = False
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         try:
             self._natural_step()
         finally:
             self._inputs = None  # never reuse a batch for a later step
-        return loss
+
+    def _discard_step_statistics(self) -> None:
+        self._inputs = None
 
     def _natural_step(self) -> None:
         entries = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -244,6 +254,7 @@ class NaturalGradient(torch.optim.Optimizer):
                  for (g, _), n in zip(entries, sizes, strict=True)]
             )
             direction = self._solve(entries, names, sizes, b, damping)
+            direction = self._usable(direction, b)
         offset = 0
         for (group, p), n in zip(entries, sizes, strict=True):
             self._apply(group, p, direction[offset : offset + n].view(p.shape))
@@ -288,6 +299,59 @@ class NaturalGradient(torch.optim.Optimizer):
             )
         return direction
 
+    def _usable(self, direction: Tensor, b: Tensor) -> Tensor:
+        """``direction``, or the gradient ``b`` when the solve produced nothing usable."""
+        solve = self.last_solve
+        assert solve is not None
+        finite = bool(torch.isfinite(direction).all())
+        if finite and not solve.breakdown:
+            return direction
+        self._solve_failures += 1
+        fallback = not finite or not bool(direction.any())
+        if not self._warned_solve:
+            self._warned_solve = True
+            what = "produced NaN/Inf" if not finite else "broke down (pᵀAp <= 0 or not finite)"
+            then = (
+                "stepping along the plain gradient instead"
+                if fallback
+                else "using the iterate reached before the breakdown"
+            )
+            warnings.warn(
+                f"natural_gradient: the CG solve {what} after {solve.iterations} iteration(s); "
+                f"{then} (warned once; failures are counted in diagnostics())",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return b.clone() if fallback else direction
+
+    def _extra_tag(self) -> dict[str, Any]:
+        return {"solve_failures": self._solve_failures}
+
+    def _load_extra_tag(self, tag: Mapping[str, Any]) -> None:
+        self._solve_failures = int(tag.get("solve_failures", 0))
+
+    def _param_name(self, p: Tensor) -> str | None:
+        return self._names.get(id(p))
+
+    def _param_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        solve = self.last_solve
+        return {
+            **super()._param_diagnostics(p, group),
+            "preconditioner": "conjugate-gradient",
+            # One joint solve for all parameters: its condition estimate is theirs.
+            "condition_number": None if solve is None else json_float(solve.condition_estimate),
+            "failures": self._solve_failures,
+        }
+
+    def _extra_diagnostics(self) -> dict[str, Any]:
+        solve = self.last_solve
+        if solve is None:
+            return {"last_solve": None}
+        fields = dataclasses.asdict(solve)
+        for key in ("relative_residual", "condition_estimate"):
+            fields[key] = json_float(fields[key])
+        return {"last_solve": fields}
+
     def _apply(self, group: dict[str, Any], p: Tensor, u: Tensor) -> None:
         momentum = float(group["momentum"])
         if momentum != 0.0:
@@ -297,6 +361,7 @@ class NaturalGradient(torch.optim.Optimizer):
                 buf = state[STATE_MOMENTUM] = torch.zeros_like(p)
             u = buf.mul_(momentum).add_(u.to(buf.dtype))
         lr = float(group["lr"])
+        self._observe(p, update_rms=rms(u, lr))
         shrink = 1.0 - lr * float(group["weight_decay"])
         if p.dtype == u.dtype:
             if shrink != 1.0:
@@ -316,6 +381,7 @@ def natural_gradient(
     loss: OutputLoss = "mse",
     cg_iterations: int = 20,
     cg_tolerance: float = 1e-6,
+    on_nonfinite: str = "skip",
 ) -> NaturalGradient:
     """Build :class:`NaturalGradient` for ``model`` (see its docstring for the update)."""
     return NaturalGradient(
@@ -327,6 +393,7 @@ def natural_gradient(
         loss=loss,
         cg_iterations=cg_iterations,
         cg_tolerance=cg_tolerance,
+        on_nonfinite=on_nonfinite,
     )
 
 

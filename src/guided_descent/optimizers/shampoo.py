@@ -15,10 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     HybridOptimizer,
     adamw_defaults,
     build_groups,
+    mark_refreshed,
+    refresh_age,
     warn_failure,
 )
 from guided_descent.optimizers.registry import OptimizerSpec, register
@@ -37,45 +40,23 @@ from guided_descent.transforms.descend import descend_
 from guided_descent.transforms.grafting import (
     Grafting,
     accumulate_squares_,
-    check_grafting,
     diagonal_update,
     graft,
 )
 
 PREFIX = "shampoo"
+FAILURES = f"{PREFIX}.failures"
+REFRESHED_AT = f"{PREFIX}.refreshed_at"
+
+# (parameter, its state, factor key, block index, the factor, its root 2k) of a due root
+_RootJob = tuple[Tensor, dict[str, Any], str, int, Tensor, int]
 
 
 # --- Shampoo ------------------------------------------------------------------------------------
 
 
-def _check_int(owner: str, group: Mapping[str, Any], key: str, minimum: int) -> None:
-    if key in group:
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{owner}: {key} must be an integer >= {minimum}, got {value!r}")
-
-
 def _check_shampoo_options(owner: str, group: Mapping[str, Any]) -> None:
-    """Range checks for Shampoo-only keys (shared keys are checked by ``validation``)."""
-    for key in (
-        "precondition_frequency",
-        "start_preconditioning_step",
-        "max_preconditioner_dim",
-        "max_factor_dim",
-    ):
-        _check_int(owner, group, key, 1)
-    if "epsilon" in group:
-        value = group["epsilon"]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not 0.0 < value < float("inf"):
-            raise ValueError(
-                f"{owner}: epsilon (inverse-root damping) must be a finite number > 0, "
-                f"got {value!r}"
-            )
-    if "grafting" in group:
-        check_grafting(owner, group["grafting"])
-    if "nesterov" in group and not isinstance(group["nesterov"], bool):
-        raise ValueError(f"{owner}: nesterov must be a bool, got {group['nesterov']!r}")
+    """Checks across Shampoo's keys (each key alone is checked by ``validation.CHECKS``)."""
     if group.get("nesterov") and group.get("momentum", 0.0) == 0.0:
         raise ValueError(f"{owner}: nesterov=True needs momentum > 0, got momentum=0")
 
@@ -124,16 +105,22 @@ class Shampoo(HybridOptimizer):
             vectors and early steps still take Adam's update).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: hyper-parameters of the AdamW groups;
             ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
+        on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
+            ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
 
     State per Shampoo parameter (float32, or float64): ``step``; ``shampoo.exp_avg`` (``m``);
     ``shampoo.graft_sq`` (``s``); ``shampoo.momentum_buffer`` (when momentum > 0); per dimension
     ``shampoo.L``/``shampoo.R`` (matrices) or ``shampoo.dim{i}``: a list with one factor per
     block (``(n, n)``, ``(n,)`` for a diagonal factor, ``None`` for none) and
     ``shampoo.L.inv_root`` etc. the matching roots; ``shampoo.failures``: inverse roots that failed
-    (the previous root is kept and one warning is issued per parameter).
+    (a failed root -- eigh not converging even in float64 with jitter, NaN/Inf in a factor --
+    keeps its previous root, identity before the first; one warning per parameter);
+    ``shampoo.refreshed_at``: the step of the last refresh in which all of the parameter's roots
+    succeeded (``diagnostics()`` reports the age ``step - refreshed_at``).
     """
 
     ALGORITHM = "shampoo"
+    STATE_NAME = "Shampoo"
     MIN_NDIM = 0
 
     def __init__(
@@ -156,6 +143,7 @@ class Shampoo(HybridOptimizer):
         adamw_betas: tuple[float, float] | None = None,
         adamw_eps: float | None = None,
         adamw_weight_decay: float | None = None,
+        on_nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -179,10 +167,34 @@ class Shampoo(HybridOptimizer):
             eps if adamw_eps is None else adamw_eps,
             weight_decay if adamw_weight_decay is None else adamw_weight_decay,
         )
-        super().__init__(params, defaults, adamw)
+        super().__init__(params, defaults, adamw, on_nonfinite)
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
         _check_shampoo_options(owner, group)
+
+    def matrix_state(
+        self, p: Tensor, group: Mapping[str, Any]
+    ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
+        keys = ("step", f"{PREFIX}.exp_avg", f"{PREFIX}.graft_sq", FAILURES)
+        if self._layout(p, group).preconditioned:
+            keys += tuple(self._factor_keys(p))
+        shape = tuple(p.shape)
+        shapes = dict.fromkeys(
+            (f"{PREFIX}.exp_avg", f"{PREFIX}.graft_sq", f"{PREFIX}.momentum_buffer"), shape
+        )
+        return keys, shapes
+
+    def matrix_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        state = self.state.get(p)
+        if not state:
+            return {}
+        preconditioned = self._layout(p, group).preconditioned
+        return {
+            "preconditioner": "kronecker" if preconditioned else None,
+            "preconditioner_age": refresh_age(state, REFRESHED_AT) if preconditioned else None,
+            "condition_number": self.worst_condition(p),
+            "failures": int(state.get(FAILURES, 0)),
+        }
 
     def _layout(self, p: Tensor, group: Mapping[str, Any]) -> ShampooLayout:
         return shampoo_layout(
@@ -194,7 +206,7 @@ class Shampoo(HybridOptimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state[f"{PREFIX}.exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         state[f"{PREFIX}.graft_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        state[f"{PREFIX}.failures"] = 0
+        state[FAILURES] = 0
         if not layout.preconditioned:
             return
         per_block = [
@@ -216,7 +228,7 @@ class Shampoo(HybridOptimizer):
         start = group["start_preconditioning_step"]
         work: list[tuple[Tensor, dict[str, Any], ShampooLayout, int]] = []
         # Every factor whose root is due this step, over the whole group, for one batched pass.
-        due: list[tuple[dict[str, Any], tuple[int, ...], str, int, Tensor, int]] = []
+        due: list[_RootJob] = []
 
         for p in group["params"]:
             if p.grad is None:
@@ -249,7 +261,7 @@ class Shampoo(HybridOptimizer):
                     if refresh:
                         for key, F in zip(keys, factors, strict=True):
                             if F is not None:
-                                due.append((state, tuple(p.shape), key, b, F, block.root))
+                                due.append((p, state, key, b, F, block.root))
             work.append((p, state, layout, t))
 
         self._refresh_roots(due, beta2, group["epsilon"])
@@ -269,29 +281,30 @@ class Shampoo(HybridOptimizer):
             else:
                 update = self._shampoo_direction(p, state, layout, exp_avg_hat, diagonal, grafting)
             update = self._momentum(state, update, group["momentum"], group["nesterov"])
-            descend_(p, update, float(group["lr"]), group["weight_decay"])
+            lr = float(group["lr"])
+            self._observe(p, update_rms=rms(update, lr))
+            descend_(p, update, lr, group["weight_decay"])
 
-    def _refresh_roots(
-        self,
-        due: list[tuple[dict[str, Any], tuple[int, ...], str, int, Tensor, int]],
-        beta2: float,
-        epsilon: float,
-    ) -> None:
+    def _refresh_roots(self, due: list[_RootJob], beta2: float, epsilon: float) -> None:
         if not due:
             return
         # The EMA starts from zero: dividing by 1 - beta2^t removes that bias, so that epsilon
         # damps a factor of the same scale at every step.
         scaled = []
-        for state, _shape, _key, _b, F, _root in due:
+        for _p, state, _key, _b, F, _root in due:
             t = int(state["step"].item())
             scaled.append(F / (1.0 - beta2**t))
-        roots = inverse_roots(scaled, [item[-1] for item in due], epsilon)
-        for (state, shape, key, b, _F, _root), root in zip(due, roots, strict=True):
-            if root is None:
+        results = inverse_roots(scaled, [item[-1] for item in due], epsilon)
+        failed: set[int] = set()
+        for (p, state, key, b, _F, _root), result in zip(due, results, strict=True):
+            if result is None:
+                failed.add(id(p))
                 what = f"the inverse root of {key}"
-                warn_failure(PREFIX, state, f"{PREFIX}.failures", shape, what)
+                warn_failure(PREFIX, state, FAILURES, tuple(p.shape), what)
                 continue
-            state[f"{key}.inv_root"][b] = root
+            state[f"{key}.inv_root"][b] = result.root
+            self.observe_condition(p, (key, b), result.condition)
+        mark_refreshed(((p, state) for p, state, *_ in due), failed, REFRESHED_AT)
 
     def _shampoo_direction(
         self,
@@ -347,6 +360,7 @@ def shampoo(
     adamw_eps: float | None = None,
     adamw_weight_decay: float | None = None,
     routing: Mapping[str, str] | None = None,
+    on_nonfinite: str = "skip",
 ) -> Shampoo:
     """A :class:`Shampoo` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
 
@@ -375,6 +389,7 @@ def shampoo(
         adamw_betas=adamw_betas,
         adamw_eps=adamw_eps,
         adamw_weight_decay=adamw_weight_decay,
+        on_nonfinite=on_nonfinite,
     )
 
 

@@ -14,10 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     HybridOptimizer,
     adamw_defaults,
     build_groups,
+    mark_refreshed,
+    refresh_age,
     warn_failure,
 )
 from guided_descent.optimizers.registry import OptimizerSpec, register
@@ -34,24 +37,10 @@ from guided_descent.transforms.descend import descend_
 
 PREFIX = "soap"
 FAILURES = f"{PREFIX}.failures"
+REFRESHED_AT = f"{PREFIX}.refreshed_at"
 
-# (state, parameter shape, dimension, factor key) of one basis to compute or refresh
-_BasisJob = tuple[dict[str, Any], tuple[int, ...], int, str]
-
-
-def _check_soap_options(owner: str, group: Mapping[str, Any]) -> None:
-    """Range checks for SOAP-only keys (shared keys are checked by ``validation``)."""
-    freq = group.get("precondition_frequency", 1)
-    if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
-        raise ValueError(f"{owner}: precondition_frequency must be an integer >= 1, got {freq!r}")
-    dim = group.get("max_precond_dim", 0)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
-        raise ValueError(f"{owner}: max_precond_dim must be an integer >= 0, got {dim!r}")
-    beta = group.get("shampoo_beta")
-    if beta is not None:
-        ok = isinstance(beta, (int, float)) and not isinstance(beta, bool)
-        if not ok or not 0.0 <= beta < 1.0:
-            raise ValueError(f"{owner}: shampoo_beta must be None or in [0, 1), got {beta!r}")
+# (parameter, its state, dimension, factor key) of one basis to compute or refresh
+_BasisJob = tuple[Tensor, dict[str, Any], int, str]
 
 
 class SOAP(HybridOptimizer):
@@ -91,16 +80,22 @@ class SOAP(HybridOptimizer):
             0 turns SOAP into AdamW.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: hyper-parameters of the AdamW groups;
             ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
+        on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
+            ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
 
     State per SOAP parameter (float32, or float64): ``step``; ``exp_avg`` (original space);
     ``exp_avg_sq`` (rotated space); per rotated dimension ``soap.L``/``soap.R`` (matrices) or
     ``soap.dim{i}``, the ``(n, n)`` factor, and ``soap.L.basis`` etc., its eigenbasis;
     ``soap.failures``: basis computations that failed (the previous basis, or the identity, is
-    kept and one warning is issued per parameter). Which dimensions are rotated is fixed when a
-    parameter's state is created.
+    kept and one warning is issued per parameter); ``soap.refreshed_at``: the step of the last
+    basis computation in which all of the parameter's bases succeeded (``diagnostics()``
+    reports the age ``step - refreshed_at`` and a condition-number estimate of the factors from
+    the refresh's Rayleigh quotients). Which dimensions are rotated is fixed when a parameter's
+    state is created.
     """
 
     ALGORITHM = "soap"
+    STATE_NAME = "SOAP"
     MIN_NDIM = 0
 
     def __init__(
@@ -118,6 +113,7 @@ class SOAP(HybridOptimizer):
         adamw_betas: tuple[float, float] | None = None,
         adamw_eps: float | None = None,
         adamw_weight_decay: float | None = None,
+        on_nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -129,17 +125,36 @@ class SOAP(HybridOptimizer):
             max_precond_dim=max_precond_dim,
         )
         validate_hyperparams(PREFIX, defaults)
-        _check_soap_options(PREFIX, defaults)
         adamw = adamw_defaults(
             lr if adamw_lr is None else adamw_lr,
             betas if adamw_betas is None else adamw_betas,
             eps if adamw_eps is None else adamw_eps,
             weight_decay if adamw_weight_decay is None else adamw_weight_decay,
         )
-        super().__init__(params, defaults, adamw)
+        super().__init__(params, defaults, adamw, on_nonfinite)
 
-    def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
-        _check_soap_options(owner, group)
+    def matrix_state(
+        self, p: Tensor, group: Mapping[str, Any]
+    ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
+        shape = tuple(p.shape)
+        keys = ("step", "exp_avg", "exp_avg_sq", FAILURES)
+        shapes: dict[str, tuple[int, ...]] = {"exp_avg": shape, "exp_avg_sq": shape}
+        for d in rotated_dims(shape, group["max_precond_dim"]):
+            key = f"{PREFIX}.{factor_name(d, p.dim())}"
+            shapes[key] = shapes[f"{key}.basis"] = (shape[d], shape[d])
+        return keys, shapes
+
+    def matrix_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        state = self.state.get(p)
+        if not state:
+            return {}
+        rotated = bool(self._factor_keys(p, state))
+        return {
+            "preconditioner": "eigenbasis" if rotated else None,
+            "preconditioner_age": refresh_age(state, REFRESHED_AT) if rotated else None,
+            "condition_number": self.worst_condition(p),
+            "failures": int(state.get(FAILURES, 0)),
+        }
 
     @staticmethod
     def _init_state(state: dict[str, Any], p: Tensor, dims: tuple[int, ...]) -> None:
@@ -176,12 +191,12 @@ class SOAP(HybridOptimizer):
             if is_new:
                 self._init_state(state, p, rotated_dims(p.shape, group["max_precond_dim"]))
             factors = self._factor_keys(p, state)
-            shape = tuple(p.shape)
             if is_new and factors:
                 # First gradient: statistics and the first basis only (see the class docstring).
                 for d, key in factors:
                     state[key].lerp_(kronecker_factor(grad, d), 1.0 - shampoo_beta)
-                    fresh.append((state, shape, d, key))
+                    fresh.append((p, state, d, key))
+                self._observe(p, update_rms=grad.new_zeros(()))  # it did not move
                 continue
 
             state["step"] += 1
@@ -199,12 +214,14 @@ class SOAP(HybridOptimizer):
                 eps=group["eps"],
                 step=t,
             )
-            descend_(p, update, float(group["lr"]), group["weight_decay"])
+            lr = float(group["lr"])
+            self._observe(p, update_rms=rms(update, lr))
+            descend_(p, update, lr, group["weight_decay"])
             # After the step, so that this gradient is not used to rotate itself.
             for d, key in factors:
                 state[key].lerp_(kronecker_factor(grad, d), 1.0 - shampoo_beta)
                 if t % group["precondition_frequency"] == 0:
-                    due.append((state, shape, d, key))
+                    due.append((p, state, d, key))
 
         self._initial_bases(fresh)
         self._refresh_bases(due)
@@ -212,26 +229,35 @@ class SOAP(HybridOptimizer):
     def _initial_bases(self, jobs: list[_BasisJob]) -> None:
         if not jobs:
             return
-        bases = initial_bases([state[key] for state, _shape, _d, key in jobs])
-        for (state, shape, _d, key), basis in zip(jobs, bases, strict=True):
+        bases = initial_bases([state[key] for _p, state, _d, key in jobs])
+        failed: set[int] = set()
+        for (p, state, _d, key), basis in zip(jobs, bases, strict=True):
             if basis is None:  # keeps the identity basis it was created with
-                warn_failure(PREFIX, state, FAILURES, shape, f"the eigendecomposition of {key}")
+                failed.add(id(p))
+                what = f"the eigendecomposition of {key}"
+                warn_failure(PREFIX, state, FAILURES, tuple(p.shape), what)
                 continue
             state[f"{key}.basis"] = basis
+        mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
 
     def _refresh_bases(self, jobs: list[_BasisJob]) -> None:
         if not jobs:
             return
         results = refresh_bases(
-            [state[key] for state, _shape, _d, key in jobs],
-            [state[f"{key}.basis"] for state, _shape, _d, key in jobs],
+            [state[key] for _p, state, _d, key in jobs],
+            [state[f"{key}.basis"] for _p, state, _d, key in jobs],
         )
-        for (state, shape, d, key), result in zip(jobs, results, strict=True):
+        failed: set[int] = set()
+        for (p, state, d, key), result in zip(jobs, results, strict=True):
             if not bool(result.ok):
-                warn_failure(PREFIX, state, FAILURES, shape, f"the eigenbasis refresh of {key}")
+                failed.add(id(p))
+                what = f"the eigenbasis refresh of {key}"
+                warn_failure(PREFIX, state, FAILURES, tuple(p.shape), what)
                 continue
             state[f"{key}.basis"] = result.basis
             permute_rotated_(state["exp_avg_sq"], d, result.order)
+            self.observe_condition(p, key, result.condition)
+        mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
 
 
 def soap(
@@ -249,6 +275,7 @@ def soap(
     adamw_eps: float | None = None,
     adamw_weight_decay: float | None = None,
     routing: Mapping[str, str] | None = None,
+    on_nonfinite: str = "skip",
 ) -> SOAP:
     """A :class:`SOAP` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
 
@@ -272,6 +299,7 @@ def soap(
         adamw_betas=adamw_betas,
         adamw_eps=adamw_eps,
         adamw_weight_decay=adamw_weight_decay,
+        on_nonfinite=on_nonfinite,
     )
 
 

@@ -1,18 +1,30 @@
-"""Range checks for the hyper-parameters that optimizers share, with messages that name the value.
+"""Range checks for hyper-parameters, by key, with messages that name the value and the range.
 
 torch validates some of these itself, but not all (e.g. ``momentum=1.5`` or ``lr=nan`` pass), and
 its messages do not say which optimizer or which param group was at fault. Checks apply by key, so
-an optimizer that has no ``betas`` is never asked about them.
+an optimizer that has no ``betas`` is never asked about them. One key means one thing in every
+optimizer of the library (``damping`` is K-FAC's and natural gradient's Tikhonov term, both >= 0),
+so a key's check lives here once and :func:`guided_descent.create` runs it before building
+anything; constructors run the same checks for users who build a class directly.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from numbers import Real
 from typing import Any
 
 import torch
+
+from guided_descent.preconditioners.natural_gradient import OUTPUT_LOSSES
+from guided_descent.preconditioners.orthogonalize import ADJUST_LR, MATRIX_VIEWS
+from guided_descent.transforms.grafting import GRAFTINGS
+
+Check = Callable[[str, Any], None]
+
+# What a step does when a gradient holds NaN or Inf (see guided_descent.optimizers.guard).
+NONFINITE_POLICIES: tuple[str, ...] = ("skip", "raise", "off")
 
 
 def _as_float(value: Any) -> float | None:
@@ -25,7 +37,7 @@ def _as_float(value: Any) -> float | None:
     return None
 
 
-def nonneg(what: str) -> Callable[[str, Any], None]:
+def nonneg(what: str) -> Check:
     def check(owner: str, value: Any) -> None:
         x = _as_float(value)
         if x is None or not math.isfinite(x) or x < 0:
@@ -34,11 +46,67 @@ def nonneg(what: str) -> Callable[[str, Any], None]:
     return check
 
 
-def unit_interval(what: str) -> Callable[[str, Any], None]:
+def positive(what: str) -> Check:
+    def check(owner: str, value: Any) -> None:
+        x = _as_float(value)
+        if x is None or not math.isfinite(x) or x <= 0:
+            raise ValueError(f"{owner}: {what} must be a finite number > 0, got {value!r}")
+
+    return check
+
+
+def unit_interval(what: str) -> Check:
     def check(owner: str, value: Any) -> None:
         x = _as_float(value)
         if x is None or not 0.0 <= x < 1.0:
             raise ValueError(f"{owner}: {what} must be in [0, 1), got {value!r}")
+
+    return check
+
+
+def positive_int(what: str) -> Check:
+    def check(owner: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {what} must be an integer >= 1, got {value!r}")
+
+    return check
+
+
+def nonneg_int(what: str) -> Check:
+    def check(owner: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{owner}: {what} must be an integer >= 0, got {value!r}")
+
+    return check
+
+
+def one_of(what: str, choices: Iterable[Any]) -> Check:
+    allowed = tuple(choices)
+
+    def check(owner: str, value: Any) -> None:
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"{owner}: {what} must be one of {allowed}, got {value!r}")
+
+    return check
+
+
+def optional(check: Check) -> Check:
+    """``check``, but ``None`` is accepted too (e.g. ``kl_clip=None`` turns clipping off)."""
+
+    def optional_check(owner: str, value: Any) -> None:
+        if value is not None:
+            try:
+                check(owner, value)
+            except ValueError as err:
+                raise ValueError(f"{err} (or None)") from None
+
+    return optional_check
+
+
+def _boolean(what: str) -> Check:
+    def check(owner: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"{owner}: {what} must be a bool, got {value!r}")
 
     return check
 
@@ -52,14 +120,6 @@ def _betas(owner: str, value: Any) -> None:
             raise ValueError(f"{owner}: betas[{i}] must be in [0, 1), got {b!r} in betas={value!r}")
 
 
-def positive_int(what: str) -> Callable[[str, Any], None]:
-    def check(owner: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}: {what} must be an integer >= 1, got {value!r}")
-
-    return check
-
-
 def _eps(owner: str, value: Any) -> None:
     # Adafactor's eps is a pair (eps1 or None, eps2); the others take one number.
     if isinstance(value, (tuple, list)):
@@ -70,22 +130,56 @@ def _eps(owner: str, value: Any) -> None:
     nonneg("eps")(owner, value)
 
 
-CHECKS: dict[str, Callable[[str, Any], None]] = {
+def _float_dtype(owner: str, value: Any) -> None:
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(
+            f"{owner}: ns_dtype must be None or a floating torch.dtype, got {value!r}"
+        )
+
+
+CHECKS: dict[str, Check] = {
+    # first-order (torch.optim names)
     "lr": nonneg("lr (learning rate)"),
     "eps": _eps,
     "weight_decay": nonneg("weight_decay"),
     "momentum": unit_interval("momentum"),
     "dampening": unit_interval("dampening"),
+    "nesterov": _boolean("nesterov"),
     "alpha": unit_interval("alpha (RMSprop smoothing)"),
     "betas": _betas,
     "lr_decay": nonneg("lr_decay"),
     "momentum_decay": nonneg("momentum_decay"),
     "initial_accumulator_value": nonneg("initial_accumulator_value"),
+    # every optimizer of the library
+    "on_nonfinite": one_of("on_nonfinite", NONFINITE_POLICIES),
+    # Muon
+    "ns_steps": positive_int("ns_steps"),
+    "ns_dtype": _float_dtype,
+    "adjust_lr": one_of("adjust_lr", ADJUST_LR),
+    "matrix_view": one_of("matrix_view", MATRIX_VIEWS),
+    # Shampoo and SOAP
+    "precondition_frequency": positive_int("precondition_frequency"),
+    "start_preconditioning_step": positive_int("start_preconditioning_step"),
+    "max_preconditioner_dim": positive_int("max_preconditioner_dim"),
+    "max_factor_dim": positive_int("max_factor_dim"),
+    "max_precond_dim": nonneg_int("max_precond_dim"),
+    "epsilon": positive("epsilon (inverse-root damping)"),
+    "grafting": one_of("grafting", GRAFTINGS),
+    "shampoo_beta": optional(unit_interval("shampoo_beta")),
+    # K-FAC and natural gradient
+    "damping": nonneg("damping"),
+    "stat_decay": unit_interval("stat_decay"),
+    "factor_frequency": positive_int("factor_frequency"),
+    "inverse_frequency": positive_int("inverse_frequency"),
+    "kl_clip": optional(positive("kl_clip")),
+    "loss": one_of("loss", OUTPUT_LOSSES),
+    "cg_iterations": positive_int("cg_iterations"),
+    "cg_tolerance": nonneg("cg_tolerance"),
 }
 
 
 def validate_hyperparams(owner: str, hyperparams: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming ``owner``, the key and the value for any out-of-range entry."""
+    """Raise ``ValueError`` naming ``owner``, the key, the value and the accepted range."""
     for key, value in hyperparams.items():
         check = CHECKS.get(key)
         if check is not None:

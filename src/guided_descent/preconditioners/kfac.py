@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guided_descent.linalg.matrix_functions import eigh, matrix_power_from_eigh
+from guided_descent.linalg.matrix_functions import condition_number, eigh, matrix_power_from_eigh
 
 Likelihood = Literal["categorical", "gaussian"]
 LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
@@ -168,20 +168,37 @@ def pi_balance(A: Tensor, S: Tensor) -> float:
     return math.sqrt(a / s)
 
 
-def damped_inverses(A: Tensor, S: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-    """``((A + π√λ I)⁻¹, (S + √λ/π I)⁻¹)`` through the canonical :func:`eigh`.
+class DampedInverses(NamedTuple):
+    """The two damped inverses of a layer and the larger condition number of the damped factors
+    (a 0-d tensor, read off the eigenvalues the inverses were computed from)."""
+
+    A_inv: Tensor
+    S_inv: Tensor
+    condition: Tensor
+
+
+def damped_inverses(A: Tensor, S: Tensor, damping: float) -> DampedInverses:
+    """``((A + π√λ I)⁻¹, (S + √λ/π I)⁻¹)`` through the canonical :func:`eigh`, and their condition.
 
     The eigendecomposition clamps rounding-negative eigenvalues to 0 before damping, so the
     inverses stay symmetric positive definite. Raises ``MatrixFunctionError`` when a
     decomposition fails or an undamped factor is singular (``damping = 0``).
     """
+    if not (isinstance(damping, (int, float)) and 0.0 <= damping < math.inf):
+        raise ValueError(f"damped_inverses: damping must be a finite number >= 0, got {damping!r}")
     pi = pi_balance(A, S)
     root = math.sqrt(damping)
     a_vals, a_vecs = eigh(A)
     s_vals, s_vecs = eigh(S)
-    return (
-        matrix_power_from_eigh(a_vals, a_vecs, -1.0, pi * root),
-        matrix_power_from_eigh(s_vals, s_vecs, -1.0, root / pi),
+    a_damping, s_damping = pi * root, root / pi
+    condition = torch.maximum(
+        condition_number(a_vals.clamp_min(0.0) + a_damping),
+        condition_number(s_vals.clamp_min(0.0) + s_damping).to(a_vals.dtype),
+    )
+    return DampedInverses(
+        matrix_power_from_eigh(a_vals, a_vecs, -1.0, a_damping),
+        matrix_power_from_eigh(s_vals, s_vecs, -1.0, s_damping),
+        condition,
     )
 
 

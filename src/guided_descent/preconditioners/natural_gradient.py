@@ -83,12 +83,46 @@ def gauss_newton_operator(
 
 @dataclass(frozen=True)
 class CGResult:
-    """How a conjugate-gradient solve ended: iterations used, ``‖r‖/‖b‖``, and whether it met
-    the tolerance (``False`` also when it stopped on non-positive curvature ``pᵀAp <= 0``)."""
+    """How a conjugate-gradient solve ended.
+
+    ``iterations``: matrix-vector products used; ``relative_residual``: ``‖r‖/‖b‖``;
+    ``converged``: whether it met the tolerance. ``breakdown``: it stopped because a search
+    direction had non-positive or non-finite curvature ``pᵀAp`` (``A`` is then not positive
+    definite in floating point, or its products overflow); the iterate so far is returned.
+    ``condition_estimate``: ``λ_max/λ_min`` of the Ritz values of the Lanczos tridiagonal matrix
+    that the CG coefficients define -- a lower bound on ``A``'s condition number that tightens
+    with the iterations, free given the coefficients (``None`` before the first full iteration).
+    """
 
     iterations: int
     relative_residual: float
     converged: bool
+    breakdown: bool = False
+    condition_estimate: float | None = None
+
+
+def lanczos_condition(alphas: list[float], betas: list[float]) -> float | None:
+    """``λ_max/λ_min`` of the Lanczos matrix ``T`` of a CG run (Saad 2003, §6.7.3).
+
+    CG's step sizes ``α_j`` and direction weights ``β_j = ‖r_j‖²/‖r_{j-1}‖²`` (``j >= 1``) give
+    ``T_jj = 1/α_j + β_j/α_{j-1}`` and ``T_{j,j-1} = √β_j / α_{j-1}``; its eigenvalues (Ritz
+    values) approximate ``A``'s extreme eigenvalues from inside. ``betas[j-1]`` is ``β_j``.
+    """
+    k = len(alphas)
+    if k == 0:
+        return None
+    T = torch.zeros(k, k, dtype=torch.float64)
+    for j, alpha in enumerate(alphas):
+        T[j, j] = 1.0 / alpha
+        if j > 0:
+            beta = betas[j - 1]
+            T[j, j] += beta / alphas[j - 1]
+            T[j, j - 1] = T[j - 1, j] = math.sqrt(beta) / alphas[j - 1]
+    ritz = torch.linalg.eigvalsh(T)
+    low, high = float(ritz[0]), float(ritz[-1])
+    if not (low > 0.0 and math.isfinite(high)):
+        return None
+    return high / low
 
 
 def conjugate_gradient(
@@ -101,9 +135,22 @@ def conjugate_gradient(
     """Solve ``A x = b`` for symmetric positive-definite ``A`` given as ``matvec``, from ``x = 0``.
 
     Stops when ``‖b − A x‖ <= tolerance · ‖b‖``, after ``max_iterations`` products, or when a
-    search direction has ``pᵀ A p <= 0`` (then ``A`` is not positive definite in floating point
-    and the iterate so far is returned). ``b = 0`` returns ``x = 0`` after no product.
+    search direction has ``pᵀ A p <= 0`` or a non-finite ``pᵀ A p`` (a breakdown: ``A`` is not
+    positive definite in floating point; the iterate so far is returned). ``b = 0`` returns
+    ``x = 0`` after no product.
     """
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or (
+        max_iterations < 1
+    ):
+        raise ValueError(
+            f"conjugate_gradient: max_iterations must be an integer >= 1, got {max_iterations!r}"
+        )
+    if not (isinstance(tolerance, (int, float)) and 0.0 <= tolerance < math.inf):
+        raise ValueError(
+            f"conjugate_gradient: tolerance must be a finite number >= 0, got {tolerance!r}"
+        )
+    if b.dim() != 1:
+        raise ValueError(f"conjugate_gradient: b must be a vector, got shape {tuple(b.shape)}")
     x = torch.zeros_like(b)
     r = b.clone()
     rr = float(r @ r)
@@ -113,14 +160,18 @@ def conjugate_gradient(
     target = (tolerance * b_norm) ** 2
     p = r.clone()
     iterations = 0
-    converged = False
+    converged = breakdown = False
+    alphas: list[float] = []
+    betas: list[float] = []
     while iterations < max_iterations:
         Ap = matvec(p)
         iterations += 1
         curvature = float(p @ Ap)
-        if not curvature > 0.0:
+        if not (curvature > 0.0 and math.isfinite(curvature)):
+            breakdown = True
             break
         alpha = rr / curvature
+        alphas.append(alpha)
         x.add_(p, alpha=alpha)
         r.sub_(Ap, alpha=alpha)
         rr_next = float(r @ r)
@@ -128,6 +179,13 @@ def conjugate_gradient(
             rr = rr_next
             converged = True
             break
+        if not math.isfinite(rr_next):
+            breakdown = True  # the residual overflowed: nothing sensible follows from it
+            break
+        betas.append(rr_next / rr)
         p = r + (rr_next / rr) * p
         rr = rr_next
-    return x, CGResult(iterations, math.sqrt(rr) / b_norm, converged)
+    residual = math.sqrt(rr) / b_norm if math.isfinite(rr) else math.inf
+    return x, CGResult(
+        iterations, residual, converged, breakdown, lanczos_condition(alphas, betas)
+    )

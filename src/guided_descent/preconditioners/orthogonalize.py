@@ -52,6 +52,7 @@ from guided_descent.linalg.newton_schulz import (
     default_compute_dtype,
     newton_schulz,
 )
+from guided_descent.transforms.descend import step_rms
 
 AdjustLR = Literal["original", "match_rms_adamw"]
 MatrixView = Literal["flatten", "batch"]
@@ -142,11 +143,13 @@ def muon_update(
     ns_coefficients: Coefficients | Sequence[Coefficients],
     ns_dtype: torch.dtype | None = None,
     eps: float = 1e-7,
-) -> None:
+) -> list[Tensor]:
     """One Muon step in place on ``params`` and ``momentum_buffers`` (functional form).
 
     ``params``, ``grads`` and ``momentum_buffers`` are parallel lists of tensors of one shape each
-    (buffers in the parameter's dtype). The update rule is in the module docstring.
+    (buffers in the parameter's dtype). The update rule is in the module docstring. Returns the
+    RMS of each parameter's step ``lr · scale · O`` (weight decay excluded) as 0-d tensors, for
+    diagnostics: one norm per parameter, no host sync.
     """
     directions = [
         momentum_direction(g, buf, momentum, nesterov)
@@ -160,6 +163,7 @@ def muon_update(
         dtype=ns_dtype,
         eps=eps,
     )
+    sizes = []
     for p, o in zip(params, orthogonal, strict=True):
         _, m, n = matrix_shape(p.shape, matrix_view)
         if weight_decay != 0.0:
@@ -167,4 +171,7 @@ def muon_update(
         # o is in the compute dtype; the in-place add computes in the wider of the two dtypes and
         # rounds once into p's dtype (a bf16 parameter takes a float32 update without a bf16
         # round-trip of the update first).
-        p.add_(o, alpha=-lr * shape_scale(m, n, adjust_lr))
+        size = lr * shape_scale(m, n, adjust_lr)
+        p.add_(o, alpha=-size)
+        sizes.append(step_rms(o, size))
+    return sizes

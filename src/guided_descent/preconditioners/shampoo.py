@@ -25,7 +25,8 @@ parameter, how that is done (Anil et al. 2020, arXiv 2002.09018, section 4):
 
 Inverse roots of all blocks of one size (and root) are computed in one batched ``eigh`` call
 (:func:`inverse_roots`); where a batch fails, its members are retried one by one so that a single
-bad factor cannot spoil the others, and the failures are reported as ``None``.
+bad factor cannot spoil the others, and the failures are reported as ``None``. Each root comes with
+the condition number of the damped factor, read off the eigenvalues the root was computed from.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from guided_descent.linalg.matrix_functions import MatrixFunctionError, inverse_root
+from guided_descent.linalg.matrix_functions import (
+    MatrixFunctionError,
+    condition_number,
+    inverse_root,
+)
 from guided_descent.preconditioners.kronecker import (
     diagonal_factor,
     kronecker_factor,
@@ -166,6 +171,17 @@ def accumulate_factors_(factors: Sequence[Tensor | None], block: Tensor, beta2: 
         F.lerp_(new, 1.0 - beta2)
 
 
+class InverseRoot(NamedTuple):
+    """A factor's inverse root and the condition number of the damped factor it was taken of.
+
+    ``condition`` is a 0-d tensor (no host sync when computed; see
+    :func:`guided_descent.linalg.matrix_functions.condition_number`).
+    """
+
+    root: Tensor
+    condition: Tensor
+
+
 def diagonal_inverse_root(d: Tensor, root: int, epsilon: float) -> Tensor:
     """``(max(d, 0) + epsilon)^(-1/root)`` for a diagonal factor; raises on a non-finite result."""
     out = (d.clamp_min(0.0) + epsilon).pow(-1.0 / root)
@@ -174,18 +190,20 @@ def diagonal_inverse_root(d: Tensor, root: int, epsilon: float) -> Tensor:
     return out
 
 
-def _one_root(F: Tensor, root: int, epsilon: float) -> Tensor | None:
+def _one_root(F: Tensor, root: int, epsilon: float) -> InverseRoot | None:
     try:
         if F.dim() == 1:
-            return diagonal_inverse_root(F, root, epsilon)
-        return inverse_root(F, root, epsilon)
+            damped = F.clamp_min(0.0) + epsilon
+            return InverseRoot(diagonal_inverse_root(F, root, epsilon), condition_number(damped))
+        P, spectrum = inverse_root(F, root, epsilon, return_eigenvalues=True)
+        return InverseRoot(P, condition_number(spectrum))
     except MatrixFunctionError:
         return None
 
 
 def inverse_roots(
     factors: Sequence[Tensor], roots: Sequence[int], epsilon: float
-) -> list[Tensor | None]:
+) -> list[InverseRoot | None]:
     """``(F + epsilon I)^(-1/root)`` for every factor; ``None`` where it could not be computed.
 
     Dense factors of one shape, dtype, device and root share one batched
@@ -194,7 +212,7 @@ def inverse_roots(
     """
     if len(factors) != len(roots):
         raise ValueError(f"inverse_roots: {len(factors)} factors but {len(roots)} roots")
-    out: list[Tensor | None] = [None] * len(factors)
+    out: list[InverseRoot | None] = [None] * len(factors)
     dense = [i for i, F in enumerate(factors) if F.dim() == 2]
     for i, F in enumerate(factors):
         if F.dim() == 1:
@@ -210,13 +228,17 @@ def inverse_roots(
                 out[idx[0]] = _one_root(factors[idx[0]], root, epsilon)
                 continue
             try:
-                batch = inverse_root(torch.stack([factors[i] for i in idx]), root, epsilon)
+                batch, spectra = inverse_root(
+                    torch.stack([factors[i] for i in idx]), root, epsilon, return_eigenvalues=True
+                )
             except MatrixFunctionError:
                 for i in idx:
                     out[i] = _one_root(factors[i], root, epsilon)
                 continue
+            conditions = condition_number(spectra)  # (len(idx),)
             for j, i in enumerate(idx):
-                out[i] = batch[j].clone()  # its own storage, not a view kept alive in state
+                # Own storage, not views that would keep the whole batch alive in state.
+                out[i] = InverseRoot(batch[j].clone(), conditions[j].clone())
     return out
 
 

@@ -28,12 +28,13 @@ Both are batched over factors of one size.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from guided_descent.linalg.eigenbasis import EigenbasisRefresh, eigenbasis, refresh_eigenbasis
-from guided_descent.linalg.matrix_functions import MatrixFunctionError
+from guided_descent.linalg.eigenbasis import eigenbasis, refresh_eigenbasis
+from guided_descent.linalg.matrix_functions import MatrixFunctionError, condition_number
 from guided_descent.preconditioners.kronecker import mode_product, size_buckets
 
 
@@ -100,17 +101,34 @@ def initial_bases(factors: Sequence[Tensor]) -> list[Tensor | None]:
     return out
 
 
-def refresh_bases(factors: Sequence[Tensor], bases: Sequence[Tensor]) -> list[EigenbasisRefresh]:
+class BasisRefresh(NamedTuple):
+    """One factor's refresh: :class:`~guided_descent.linalg.eigenbasis.EigenbasisRefresh`'s
+    ``basis``, ``order`` and ``ok``, plus ``condition``, a 0-d estimate of the factor's condition
+    number from the Rayleigh quotients the refresh computes anyway (exact once the basis has
+    converged to the eigenvectors)."""
+
+    basis: Tensor
+    order: Tensor
+    ok: Tensor
+    condition: Tensor
+
+
+def refresh_bases(factors: Sequence[Tensor], bases: Sequence[Tensor]) -> list[BasisRefresh]:
     """One :func:`refresh_eigenbasis` step per (factor, basis) pair, batched by size."""
     if len(factors) != len(bases):
         raise ValueError(f"refresh_bases: {len(factors)} factors but {len(bases)} bases")
-    out: dict[int, EigenbasisRefresh] = {}
+    out: dict[int, BasisRefresh] = {}
     for idx in size_buckets(factors).values():
-        result = refresh_eigenbasis(
-            torch.stack([factors[i] for i in idx]), torch.stack([bases[i] for i in idx])
+        result, estimates = refresh_eigenbasis(
+            torch.stack([factors[i] for i in idx]),
+            torch.stack([bases[i] for i in idx]),
+            return_estimates=True,
         )
+        conditions = condition_number(estimates)  # (len(idx),)
         for j, i in enumerate(idx):
-            out[i] = EigenbasisRefresh(result.basis[j].clone(), result.order[j], result.ok[j])
+            out[i] = BasisRefresh(
+                result.basis[j].clone(), result.order[j], result.ok[j], conditions[j]
+            )
     return [out[i] for i in range(len(factors))]
 
 

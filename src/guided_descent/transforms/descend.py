@@ -1,8 +1,23 @@
-"""Applying an update to a parameter: decoupled weight decay, then the step."""
+"""Applying an update to a parameter: decoupled weight decay, then the step; and its size."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
+
+
+def step_rms(update: Tensor, lr: float | Tensor = 1.0) -> Tensor:
+    """``lr · ‖update‖ / √numel``: the RMS of the step ``lr · update``, a 0-d tensor.
+
+    Accumulated in float32 (float64 for float64 updates), without a host sync, so that optimizers
+    can record it every step for diagnostics at the cost of one reduction. 0 for an empty update.
+    """
+    dtype = torch.float64 if update.dtype == torch.float64 else torch.float32
+    if update.numel() == 0:
+        return torch.zeros((), dtype=dtype, device=update.device)
+    return torch.linalg.vector_norm(update, dtype=dtype) * (lr / math.sqrt(update.numel()))
 
 
 def descend_(p: Tensor, update: Tensor, lr: float, weight_decay: float) -> None:
