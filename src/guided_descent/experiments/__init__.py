@@ -45,6 +45,23 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
             "guided_descent.experiments.quadratic",
             "iterations to 1e-6 vs condition number: GD ~ kappa, momentum ~ sqrt(kappa), Newton 1",
         ),
+        ExperimentInfo(
+            "linear-representation",
+            "guided_descent.experiments.linear_representation",
+            "subspace distance vs step under ill-conditioned inputs: SGD, Adam, layer-wise "
+            "preconditioning, Gauss-Newton, K-FAC/Shampoo/SOAP/Muon",
+        ),
+        ExperimentInfo(
+            "single-index",
+            "guided_descent.experiments.single_index",
+            "one feature-learning step, anisotropic inputs: SGD's spike stuck at cos(Sigma b, b), "
+            "layer-wise preconditioning aligned",
+        ),
+        ExperimentInfo(
+            "mup",
+            "guided_descent.experiments.mup",
+            "SP vs muP across widths 64..1024: coordinate check (Adam, Muon, GPT) and LR transfer",
+        ),
     )
 }
 

@@ -1,9 +1,10 @@
 """Reports: tables and figures drawn from a run directory's files, never by re-training.
 
 ``render(run_dir)`` reads ``config.json`` to learn the experiment, then calls
-``guided_descent.report.<experiment, with - as _>.render(run_dir)``, which writes the PNG figures and
-``report.md`` and returns the report's path. A directory whose sub-directories are runs (what
-``guided-descent run`` writes for the flagship) gets an index ``report.md`` that joins theirs.
+``guided_descent.report.<experiment>.render(run_dir)`` (``-`` in the name read as ``_``), which
+writes the PNG figures and ``report.md`` and returns the report's path. A directory whose
+sub-directories are runs (what ``guided-descent run`` writes for the flagship) gets an index
+``report.md`` that joins theirs.
 """
 
 from __future__ import annotations
