@@ -3,6 +3,7 @@
     guided-descent list
     guided-descent run [EXPERIMENT] [--quick] [--out DIR] [--seeds N] [--steps N] [--device D]
                        [--optimizers a,b] [experiment flags]
+    guided-descent run --resume RUN_DIR
     guided-descent bench step [--device D] [--optimizers a,b] [--out DIR] [--quick]
     guided-descent report RUN_DIR
 
@@ -13,8 +14,10 @@ Exit codes: 0 success, 1 a run or report that failed (one-line message), 2 bad u
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -100,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "write config.json, env.json, metrics.jsonl, summary.json, figures and report.md.",
     )
     _add_run_flags(run)
+    run.add_argument(
+        "--resume",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="RUN_DIR",
+        help="continue an interrupted run (or flagship run) with its recorded configuration",
+    )
     add_config_arguments(run, ExperimentConfig, only={"seeds", "device"})
     experiments = run.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     for info in EXPERIMENTS.values():
@@ -160,23 +170,90 @@ def _config(name: str, args: argparse.Namespace) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from guided_descent.experiments import FLAGSHIP, execute
+    from guided_descent.experiments import FLAGSHIP, execute, prepare, resume
     from guided_descent.experiments.progress import Progress
     from guided_descent.experiments.records import RunDir, default_run_dir
-    from guided_descent.report import render
 
     progress = Progress(enabled=not getattr(args, "quiet", False))
+    if getattr(args, "resume", None) is not None:
+        return _resume(args, progress)
     name = getattr(args, "experiment", None)
     names = [name] if name else list(FLAGSHIP)
     configs = {n: _config(n, args) for n in names}  # validate everything before any work
     out = getattr(args, "out", None) or default_run_dir(name or "flagship")
     top = RunDir.create(out)
-    for n, config in configs.items():
-        run = top if name else RunDir.create(top.path / n)
-        print(f"running {n} -> {run.path}", file=sys.stderr)
-        execute(n, config, run, progress)
-    report = render(top.path)
-    _print_claims(top.path)
+    with _resumable(top.path):
+        if name:
+            print(f"running {name} -> {top.path}", file=sys.stderr)
+            execute(name, configs[name], top, progress)
+        else:
+            # Every sub-run is recorded before any starts, so --resume can finish all of them.
+            runs = {n: RunDir.create(top.path / n) for n in names}
+            for n, run in runs.items():
+                prepare(n, configs[n], run)
+            for n, run in runs.items():
+                print(f"running {n} -> {run.path}", file=sys.stderr)
+                resume(run, progress)
+    return _finish(top.path)
+
+
+def _resume(args: argparse.Namespace, progress: Any) -> int:
+    from guided_descent.experiments import resume
+    from guided_descent.experiments.records import RunDir, RunDirError
+    from guided_descent.report import is_run, sub_runs
+
+    given = [f"--{k}" for k in ("quick", "out", "seeds", "steps", "device", "optimizers")
+             if k in vars(args)]
+    if getattr(args, "experiment", None) or given:
+        raise UsageError(
+            "--resume continues a run with the configuration it was started with; do not "
+            "combine it with an experiment name or " + (", ".join(given) or "other flags")
+        )
+    path = Path(args.resume)
+    if not path.is_dir():
+        raise RunDirError(f"{path} is not a directory")
+    runs = [RunDir.open(path)] if is_run(path) else [RunDir.open(p) for p in sub_runs(path)]
+    if not runs:
+        raise RunDirError(f"{path} holds no run to resume (no config.json in it or below)")
+    with _resumable(path):
+        for run in runs:
+            if run.finished:
+                print(f"{run.path} already finished", file=sys.stderr)
+                continue
+            print(f"resuming {run.path}", file=sys.stderr)
+            try:
+                resume(run, progress)
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"cannot resume {run.path}: {e}") from None
+    return _finish(path)
+
+
+@contextmanager
+def _resumable(path: Path) -> Iterator[None]:
+    """On Ctrl-C or SIGTERM: say where the kept records are and how to continue, exit 130."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(
+            f"\n{PROG}: interrupted; finished records are kept in {path}\n"
+            f"continue with: {PROG} run --resume {path}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _finish(path: Path) -> int:
+    from guided_descent.report import render
+
+    report = render(path)
+    _print_claims(path)
     print(report)
     return 0
 
@@ -185,17 +262,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from guided_descent.experiments import BENCHMARKS, execute
     from guided_descent.experiments.progress import Progress
     from guided_descent.experiments.records import RunDir, default_run_dir
-    from guided_descent.report import render
 
     info = BENCHMARKS[args.benchmark]
     config = _config(info.name, args)
     run = RunDir.create(getattr(args, "out", None) or default_run_dir(info.name))
     print(f"running {info.name} -> {run.path}", file=sys.stderr)
     execute(info.name, config, run, Progress(enabled=not getattr(args, "quiet", False)))
-    report = render(run.path)
-    _print_claims(run.path)
-    print(report)
-    return 0
+    return _finish(run.path)
 
 
 def _print_claims(path: Path) -> None:

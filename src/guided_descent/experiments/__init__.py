@@ -18,7 +18,7 @@ from types import ModuleType
 
 from guided_descent.experiments.config import ExperimentConfig
 from guided_descent.experiments.progress import Progress
-from guided_descent.experiments.records import RunDir
+from guided_descent.experiments.records import CONFIG, RunDir, read_json
 from guided_descent.optimizers.registry import unknown_name
 
 
@@ -86,14 +86,36 @@ def get_experiment(name: str) -> ExperimentInfo:
     return known[name]
 
 
-def execute(name: str, config: ExperimentConfig, run: RunDir, progress: Progress) -> None:
-    """Record ``config.json`` and ``env.json``, then run experiment ``name`` into ``run``."""
+def resume(run: RunDir, progress: Progress) -> str:
+    """Run a prepared or interrupted run with its recorded configuration; return its name.
+
+    Experiments that declare ``RESUMABLE = True`` skip the units of work they finished before
+    (same results as an uninterrupted run); the others start again from the beginning, their
+    partial records replaced.
+    """
+    saved = read_json(run.file(CONFIG))
+    name = saved.get("experiment")
+    module = get_experiment(name).load()
+    config = module.Config.from_dict(saved.get("config", {}))
+    if not getattr(module, "RESUMABLE", False):
+        run.keep_metrics(lambda record: False)
+    module.run(config, run, progress)
+    return name
+
+
+def prepare(name: str, config: ExperimentConfig, run: RunDir) -> None:
+    """Record ``config.json`` and ``env.json``: after this, :func:`resume` can run it."""
     module = get_experiment(name).load()
     if not isinstance(config, module.Config):
         raise TypeError(f"{name} expects a {module.Config.__name__}, got {type(config).__name__}")
     run.write_config(name, config)
     run.write_env(config.device)
-    module.run(config, run, progress)
+
+
+def execute(name: str, config: ExperimentConfig, run: RunDir, progress: Progress) -> None:
+    """Record ``config.json`` and ``env.json``, then run experiment ``name`` into ``run``."""
+    prepare(name, config, run)
+    get_experiment(name).load().run(config, run, progress)
 
 
 __all__ = [
@@ -106,4 +128,6 @@ __all__ = [
     "RunDir",
     "execute",
     "get_experiment",
+    "prepare",
+    "resume",
 ]

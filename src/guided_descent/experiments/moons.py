@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Self
@@ -157,6 +158,22 @@ def _stream_seed(seed: int, stream: str) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+# `guided-descent run --resume` continues a moons run from its finished units.
+RESUMABLE = True
+
+# A unit of work: one training run, identified by these fields of its "final" record.
+UNIT = ("optimizer", "width", "seed")
+PARTIAL = "partial"  # per-unit boundary arrays kept until boundaries.npz is written
+
+
+def _unit(record: dict[str, Any]) -> tuple:
+    return tuple(record.get(f) for f in UNIT)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def _train_one(
     config: Config,
     data: task.MoonsData,
@@ -249,6 +266,14 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
     boundaries: dict[str, np.ndarray] = {}
     total = len(config.optimizers) * len(config.widths) * config.seeds
     started = time.perf_counter()
+    # Resuming: units that finished before an interruption are read back, not retrained (each
+    # unit is seeded on its own, so the result is the same as an uninterrupted run); the partial
+    # records of the unit that was cut off are dropped, as it runs again.
+    done = run.finished_units(UNIT)
+    if done:
+        run.keep_metrics(lambda r: "optimizer" not in r or _unit(r) in done)
+    partial = run.file(PARTIAL)
+    partial.mkdir(exist_ok=True)
     with run.metrics() as metrics, progress.bar(total, "moons", unit="run") as bar:
         for seed in range(config.seeds):
             data = task.make_data(config.n_samples, config.noise, seed)
@@ -272,9 +297,20 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
             for width in config.widths:
                 for name in config.optimizers:
                     bar.set_postfix_str(f"{name} w={width} seed={seed}")
-                    final, boundary = _train_one(
-                        config, data, name, width, seed, batches, grid, metrics, seed == 0
-                    )
+                    saved = partial / f"boundary-{name}-{width}.npy"
+                    if (name, width, seed) in done:
+                        record = done[(name, width, seed)]
+                        # JSON keeps NaN as null: read it back as NaN.
+                        final = {m: _nan_if_none(record[m]) for m in FINAL_METRICS}
+                        boundary = np.load(saved) if seed == 0 else None
+                    else:
+                        final, boundary = _train_one(
+                            config, data, name, width, seed, batches, grid, metrics, seed == 0
+                        )
+                        if boundary is not None:
+                            buf = io.BytesIO()
+                            np.save(buf, boundary)
+                            write_atomic(saved, buf.getvalue())
                     for key, value in final.items():
                         per_seed[name][width][key].append(value)
                     if boundary is not None:
@@ -285,6 +321,7 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
     buf = io.BytesIO()
     np.savez_compressed(buf, **boundaries)
     write_atomic(run.file(BOUNDARIES), buf.getvalue())
+    shutil.rmtree(partial)
 
     cells = {
         name: {str(w): {m: _stats(v) for m, v in per_seed[name][w].items()} for w in config.widths}

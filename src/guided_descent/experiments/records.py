@@ -16,7 +16,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -227,10 +227,25 @@ def environment(device: str) -> dict[str, Any]:
     return info
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a killed process left unfinished, so appends start on a new line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` and flushes it at once."""
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes it at once.
+
+    Opening repairs a torn last line (a run killed mid-write), so a resumed run appends cleanly.
+    """
 
     def __init__(self, path: Path) -> None:
+        _drop_torn_tail(Path(path))
         self._file: IO[str] = open(path, "a", encoding="utf-8")
 
     def write(self, **record: Any) -> None:
@@ -249,6 +264,46 @@ class RunDir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """An existing run (one with ``config.json``), e.g. to resume it."""
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise RunDirError(f"{path} holds no run to resume (no {CONFIG})")
+        return cls(path)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run wrote its ``summary.json``."""
+        return (self.path / SUMMARY).is_file()
+
+    def finished_units(self, fields: Sequence[str], event: str = "final") -> dict[tuple, dict]:
+        """Records of units of work that completed before an interruption, by their key.
+
+        A resumable experiment writes one ``event`` record per finished unit (e.g. one
+        (optimizer, width, seed) training run) carrying everything its summary needs; on resume
+        it takes those instead of recomputing them.
+        """
+        return {
+            tuple(r[f] for f in fields): r
+            for r in read_metrics(self.path)
+            if r.get("event") == event and all(f in r for f in fields)
+        }
+
+    def keep_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> int:
+        """Rewrite ``metrics.jsonl`` atomically with only the records ``keep`` accepts.
+
+        On resume, the partial records of a unit that did not finish are dropped because the
+        unit runs again and writes them anew. Returns how many records were dropped.
+        """
+        rows = read_metrics(self.path)
+        kept = [r for r in rows if keep(r)]
+        if len(kept) != len(rows) or (self.path / METRICS).exists():
+            write_atomic(
+                self.file(METRICS), "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+            )
+        return len(rows) - len(kept)
 
     @classmethod
     def create(cls, path: Path) -> RunDir:

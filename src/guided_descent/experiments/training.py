@@ -16,7 +16,9 @@ initialisation. Minibatch losses are summed on the device and read only at evalu
 every step would force a device sync). ``metrics.jsonl`` receives one ``event="eval"`` record
 per evaluation: the caller's tags, ``step``, ``batch_loss`` (the mean minibatch loss since the
 previous evaluation; ``None`` at step 0), the learning rate of each param group when a schedule
-is set, and the scores.
+is set, the optimizer's diagnostics summary (skipped steps, largest update RMS and condition
+number, oldest preconditioner, failures; see ``optimizers.diagnostics.summarize``) when it has
+``diagnostics()``, and the scores.
 
 The loop does not own data or models: the caller's ``batch_loss(step)`` decides the batch order,
 so seeds and pairing stay the experiment's business.
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from guided_descent.ema import EMA
 from guided_descent.experiments.records import MetricsWriter
+from guided_descent.optimizers.diagnostics import summarize
 from guided_descent.schedules import Schedule, scheduler
 
 
@@ -122,6 +125,9 @@ def train(
         if sched is not None:
             # The rate the *next* step will use; at step 0, the first step's.
             record["lr"] = [float(g["lr"]) for g in optimizer.param_groups]
+        if metrics is not None and hasattr(optimizer, "diagnostics"):
+            # At the evaluation cadence only: diagnostics() syncs the device once.
+            record["diagnostics"] = summarize(optimizer.diagnostics())
         if metrics is not None:
             metrics.write(event="eval", **tags, **record, **scores)
         result.scores = scores

@@ -227,3 +227,26 @@ def adafactor_step_rms(
     rho = torch.clamp(t.rsqrt(), max=_lr(group))
     alpha = torch.clamp(rms(p.detach()), min=float(eps2)) * rho
     return alpha * torch.clamp(rms(u), max=float(group["d"]))
+
+
+def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A few numbers from ``optimizer.diagnostics()`` for a log line (one per evaluation).
+
+    ``update_rms``: the largest per-parameter update RMS; ``condition_number``: the largest
+    preconditioner condition estimate; ``preconditioner_age``: the oldest preconditioner (steps
+    since its last successful refresh); ``failures``: matrix-function failures summed over
+    parameters. Values that no parameter reports are ``None``.
+    """
+
+    def largest(key: str) -> float | None:
+        values = [e[key] for e in report["params"] if e.get(key) is not None]
+        return max(values) if values else None
+
+    return {
+        "steps": report["steps"],
+        "skipped_steps": report["skipped_steps"],
+        "update_rms": largest("update_rms"),
+        "condition_number": largest("condition_number"),
+        "preconditioner_age": largest("preconditioner_age"),
+        "failures": sum(int(e.get("failures") or 0) for e in report["params"]),
+    }
