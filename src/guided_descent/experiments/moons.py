@@ -24,6 +24,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
@@ -183,9 +184,13 @@ def _train_one(
     batches: torch.Tensor,
     grid: tuple[torch.Tensor, torch.Tensor],
     metrics: MetricsWriter,
-    keep_boundary: bool,
+    boundary_file: Path | None,
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Train one network; return its final numbers and, if asked, ``p(class 1)`` on the grid."""
+    """Train one network; return its final numbers and, if asked, ``p(class 1)`` on the grid.
+
+    With ``boundary_file``, ``p(class 1)`` is also saved there -- before the unit's "final"
+    record is written, so a resumed run never finds a finished unit without its boundary.
+    """
     device = torch.device(config.device)
     start = time.perf_counter()
     # Same seed and width -> same initial weights for every optimizer (paired comparison).
@@ -220,7 +225,12 @@ def _train_one(
     final = dict(result.scores)  # the evaluation after the last step
     final["movement"] = task.relative_movement(task.first_layer_weight(model).detach(), w0)
     final["smoothness"] = task.boundary_smoothness(model, *grid)
-    boundary = task.mesh_probability(model, *grid).numpy() if keep_boundary else None
+    boundary = None
+    if boundary_file is not None:
+        boundary = task.mesh_probability(model, *grid).numpy()
+        buf = io.BytesIO()
+        np.save(buf, boundary)
+        write_atomic(boundary_file, buf.getvalue())
     final["seconds"] = time.perf_counter() - start
     metrics.write(event="final", **tag, step=config.steps, **final)
     return final, boundary
@@ -305,12 +315,9 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
                         boundary = np.load(saved) if seed == 0 else None
                     else:
                         final, boundary = _train_one(
-                            config, data, name, width, seed, batches, grid, metrics, seed == 0
+                            config, data, name, width, seed, batches, grid, metrics,
+                            saved if seed == 0 else None,
                         )
-                        if boundary is not None:
-                            buf = io.BytesIO()
-                            np.save(buf, boundary)
-                            write_atomic(saved, buf.getvalue())
                     for key, value in final.items():
                         per_seed[name][width][key].append(value)
                     if boundary is not None:
