@@ -4,8 +4,11 @@
     guided-descent run [EXPERIMENT] [--quick] [--out DIR] [--seeds N] [--steps N] [--device D]
                        [--optimizers a,b] [experiment flags]
     guided-descent run --resume RUN_DIR
-    guided-descent bench step [--device D] [--optimizers a,b] [--out DIR] [--quick]
+    guided-descent bench step [--device D] [--optimizers a,b] [--out DIR] [--quick] [--nproc N]
     guided-descent report RUN_DIR
+
+``--nproc N`` relaunches the command on N processes through ``torchrun`` (experiments that split
+their work across processes only: a one-process experiment refuses it rather than run N copies).
 
 Exit codes: 0 success, 1 a run or report that failed (one-line message), 2 bad usage,
 130 interrupted.
@@ -14,8 +17,11 @@ Exit codes: 0 success, 1 a run or report that failed (one-line message), 2 bad u
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +56,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         metavar="DIR",
         help="write the run into exactly DIR (default: runs/<experiment>/<timestamp>)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="run on N processes of this machine, launched through torchrun (gloo on CPU, nccl "
+        "on CUDA); only for experiments that split work across processes (bench step)",
     )
     _add_quiet(parser)
 
@@ -175,11 +189,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from guided_descent.experiments.records import RunDir, default_run_dir
 
     progress = Progress(enabled=not getattr(args, "quiet", False))
-    if getattr(args, "resume", None) is not None:
-        return _resume(args, progress)
     name = getattr(args, "experiment", None)
     names = [name] if name else list(FLAGSHIP)
+    if getattr(args, "resume", None) is not None:
+        _check_processes(args, [], "--resume")
+        return _resume(args, progress)
+    _check_processes(args, names, name or "the flagship run")
     configs = {n: _config(n, args) for n in names}  # validate everything before any work
+    if name and getattr(args, "nproc", 1) > 1:
+        return _launch(args, default_run_dir(name))
+    if name and _launched_rank() > 0:
+        with tempfile.TemporaryDirectory() as scratch:  # rank 0 writes and prints the run
+            execute(name, configs[name], RunDir.create(Path(scratch) / "run"), Progress(False))
+        return 0
     out = getattr(args, "out", None) or default_run_dir(name or "flagship")
     top = RunDir.create(out)
     with _resumable(top.path):
@@ -264,11 +286,76 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from guided_descent.experiments.records import RunDir, default_run_dir
 
     info = BENCHMARKS[args.benchmark]
+    _check_processes(args, [info.name], f"bench {args.benchmark}")
     config = _config(info.name, args)
+    if getattr(args, "nproc", 1) > 1:
+        return _launch(args, default_run_dir(info.name))
+    if _launched_rank() > 0:
+        # Another rank of a torchrun launch: rank 0 writes and prints the run.
+        with tempfile.TemporaryDirectory() as scratch:
+            execute(info.name, config, RunDir.create(Path(scratch) / "run"), Progress(False))
+        return 0
     run = RunDir.create(getattr(args, "out", None) or default_run_dir(info.name))
     print(f"running {info.name} -> {run.path}", file=sys.stderr)
     execute(info.name, config, run, Progress(enabled=not getattr(args, "quiet", False)))
     return _finish(run.path)
+
+
+def _launched_rank() -> int:
+    """This process's rank under ``torchrun`` (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _check_processes(args: argparse.Namespace, names: list[str], what: str) -> None:
+    """Refuse ``--nproc N > 1`` (or a torchrun launch) for experiments that run in one process:
+    they would run N identical copies."""
+    from guided_descent.experiments import get_experiment
+
+    nproc = getattr(args, "nproc", 1)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc == 1 and launched == 1:
+        return
+    if nproc > 1 and launched > 1:
+        raise UsageError("--nproc inside a torchrun launch: give one or the other")
+    single = [n for n in names if not getattr(get_experiment(n).load(), "MULTI_PROCESS", False)]
+    if single or not names:
+        raise UsageError(
+            f"{what} runs in one process; {nproc if nproc > 1 else launched} processes would "
+            "run identical copies. Several processes: bench step --nproc N"
+        )
+
+
+def _launch(args: argparse.Namespace, default_out: Path) -> int:
+    """Run this command again on ``--nproc`` processes through ``torchrun`` (standalone: one
+    machine, a free port); every rank gets the same ``--out``."""
+    argv = _without_nproc(args.command_line)
+    if "out" not in args:
+        argv += ["--out", str(default_out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "--module",
+        "guided_descent",
+        *argv,
+    ]
+    print(f"launching {args.nproc} processes: {' '.join(command[1:])}", file=sys.stderr)
+    return subprocess.call(command)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _print_claims(path: Path) -> None:
@@ -303,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         _missing_extra(e)
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # for a torchrun relaunch
     commands = {"list": _cmd_list, "run": _cmd_run, "bench": _cmd_bench, "report": _cmd_report}
     if getattr(args, "threads", None):
         import torch

@@ -10,6 +10,14 @@ Muon also against ``torch.optim.Muon`` on the same hidden matrices.
 
 Optimizers that need a forward pass (``needs_model``: K-FAC, natural gradient) cannot be timed on
 gradients alone and are refused with a clear message.
+
+**Several processes** (``guided-descent bench step --nproc N``, launched through ``torchrun``):
+every rank holds the same model and gradients, as data-parallel replicas do after their gradient
+all-reduce, and the matrix optimizers split their Newton–Schulz / eigendecomposition work between
+the ranks (:mod:`guided_descent.distributed`). Each rank reports its step time and the time it
+spent on its own share of the matrix work (``precond_ms`` wall, ``precond_cpu_ms`` CPU time, per
+optimizer step); rank 0 writes the run. ``param_checksum`` (the sum of squares of the parameters
+after the timed steps) is the same for every N when the split changes nothing.
 """
 
 from __future__ import annotations
@@ -23,11 +31,15 @@ from typing import Any
 import torch
 
 import guided_descent as gd
+from guided_descent import distributed as gdd
 from guided_descent.experiments.config import ExperimentConfig, option
 from guided_descent.experiments.progress import Progress
 from guided_descent.experiments.records import Claim, RunDir
 from guided_descent.routing import route
 from guided_descent.tasks.gpt import GPT, GPT2_SMALL, GPTConfig
+
+# `--nproc N` splits this benchmark's matrix work across N processes (see the docstring).
+MULTI_PROCESS = True
 
 # Baselines measured in every run; not registry names.
 ADAMW_FUSED = "torch-adamw-fused"
@@ -152,8 +164,10 @@ def _model(layout: GPTConfig, device: torch.device, seed: int) -> tuple[GPT, lis
     return model, grads
 
 
-def _build(name: str, model: GPT) -> tuple[torch.optim.Optimizer, int]:
-    """The optimizer and how many parameters it updates."""
+def _build(
+    name: str, model: GPT, split: gdd.WorkSplit | None = None
+) -> tuple[torch.optim.Optimizer, int]:
+    """The optimizer and how many parameters it updates; ``split`` for those that take one."""
     if name == ADAMW_FUSED:
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=1e-3, fused=True), sum(p.numel() for p in params)
@@ -164,7 +178,9 @@ def _build(name: str, model: GPT) -> tuple[torch.optim.Optimizer, int]:
         return torch.optim.Muon(hidden, lr=0.02), sum(p.numel() for p in hidden)
     # The update rule alone, as fused AdamW has no finiteness check (the guard's cost: one
     # read of every gradient and one sync per step).
-    opt = gd.create(name, model, on_nonfinite="off")
+    takes_split = split is not None and "distributed" in gd.optimizers()[name].hyperparams
+    extra = {"distributed": split} if takes_split else {}
+    opt = gd.create(name, model, on_nonfinite="off", **extra)
     return opt, sum(p.numel() for g in opt.param_groups for p in g["params"])
 
 
@@ -190,11 +206,30 @@ def time_steps(
     return times
 
 
-def measure(name: str, layout: GPTConfig, device: torch.device, cfg: Config, seed: int) -> dict:
+def measure(
+    name: str,
+    layout: GPTConfig,
+    device: torch.device,
+    cfg: Config,
+    seed: int,
+    world_size: int = 1,
+) -> dict:
     model, grads = _model(layout, device, seed)
-    opt, n_params = _build(name, model)
-    times = time_steps(opt, list(model.parameters()), grads, cfg.warmup, cfg.steps, device)
+    # The split's own clock: on a GPU it synchronizes around each rank's share, so it is on for
+    # CPU runs and multi-process runs only (a single-GPU step time stays undisturbed).
+    timing = device.type == "cpu" or world_size > 1
+    split = gdd.WorkSplit(timing=True) if timing else None
+    opt, n_params = _build(name, model, split)
+    params = list(model.parameters())
+    time_steps(opt, params, grads, cfg.warmup, 0, device)
+    # Optimizers built with the split count their matrix work there.
+    uses_split = split is not None and getattr(opt, "work_split", None) is split
+    stats = split.stats if uses_split else None
+    if stats is not None:
+        stats.reset()  # count the timed steps only
+    times = time_steps(opt, params, grads, 0, cfg.steps, device)
     finite = all(torch.isfinite(p).all().item() for p in model.parameters())
+    work = stats.as_dict() if stats is not None else {}
     result = {
         "optimizer": name,
         "seed": seed,
@@ -204,7 +239,15 @@ def measure(name: str, layout: GPTConfig, device: torch.device, cfg: Config, see
         "state_bytes": state_bytes(opt),
         "params_updated": n_params,
         "finite": finite,
+        "param_checksum": float(sum(p.detach().double().square().sum() for p in params)),
     }
+    if stats is not None and timing:
+        # 0 when no refresh fell into the timed steps (Shampoo, SOAP: every 10 steps).
+        seconds = sum(k["seconds"] for k in work.values() if k["seconds"] is not None)
+        cpu = sum(k["cpu_seconds"] for k in work.values() if k["cpu_seconds"] is not None)
+        result["precond_ms"] = 1e3 * seconds / cfg.steps
+        result["precond_cpu_ms"] = 1e3 * cpu / cfg.steps
+        result["precond_cost_share"] = {kind: k["cost_share"] for kind, k in work.items()}
     del model, opt, grads
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -212,7 +255,12 @@ def measure(name: str, layout: GPTConfig, device: torch.device, cfg: Config, see
 
 
 def run(config: Config, run: RunDir, progress: Progress) -> None:
-    device = torch.device(config.device)
+    with gdd.process_group_from_env(config.device) as proc:
+        _run(config, run, progress, proc)
+
+
+def _run(config: Config, run: RunDir, progress: Progress, proc: gdd.ProcessInfo) -> None:
+    device = proc.device
     layout = config.layout()
     names = [ADAMW_FUSED, *config.optimizers]
     if "muon" in config.optimizers and hasattr(torch.optim, "Muon"):
@@ -223,12 +271,27 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
     ) as bar:
         for seed in range(config.seeds):
             for name in names:
-                row = measure(name, layout, device, config, seed)
+                row = measure(name, layout, device, config, seed, proc.world_size)
+                if proc.world_size > 1:
+                    row = _with_ranks(row)
                 metrics.write(**row)
                 rows.append(row)
                 bar.update()
     results = summarize(rows, layout, copy_bandwidth(device))
+    results["world_size"] = proc.world_size
     run.write_summary(results, claims(results, device))
+
+
+PER_RANK = ("median_ms", "precond_ms", "precond_cpu_ms", "precond_cost_share", "param_checksum")
+
+
+def _with_ranks(row: dict) -> dict:
+    """Rank 0's row plus every rank's step time, matrix-work time and checksum."""
+    import torch.distributed as dist
+
+    rows: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, {k: row.get(k) for k in PER_RANK})
+    return {**row, "per_rank": rows}
 
 
 def summarize(rows: list[dict], layout: GPTConfig, bandwidth: float | None) -> dict:
@@ -254,7 +317,18 @@ def summarize(rows: list[dict], layout: GPTConfig, bandwidth: float | None) -> d
             "state_bytes_per_param": rs[0]["state_bytes"] / rs[0]["params_updated"],
             "params_updated": rs[0]["params_updated"],
             "finite": all(r["finite"] for r in rs),
+            "param_checksum": rs[0].get("param_checksum"),
         }
+        for key in ("precond_ms", "precond_cpu_ms"):
+            if key in rs[0]:
+                table[name][key] = statistics.median(r[key] for r in rs)
+        if "per_rank" in rs[0]:
+            ranks = range(len(rs[0]["per_rank"]))
+            for key in ("median_ms", "precond_ms", "precond_cpu_ms"):
+                if rs[0]["per_rank"][0].get(key) is not None:
+                    table[name][f"{key}_per_rank"] = [
+                        statistics.median(r["per_rank"][k][key] for r in rs) for k in ranks
+                    ]
     if TORCH_MUON in table and "muon" in table:
         table["muon"]["speedup_vs_torch_muon"] = (
             table[TORCH_MUON]["median_ms"] / table["muon"]["median_ms"]

@@ -71,6 +71,35 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape)
 
 
+def check_tag(owner: str, tag: Any) -> None:
+    """Raise :class:`StateDictMismatchError` unless ``tag`` is a state-dict tag this version
+    reads, written by the optimizer named ``owner``."""
+    fmt = tag.get("format") if isinstance(tag, Mapping) else None
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or not 1 <= fmt <= STATE_FORMAT:
+        raise StateDictMismatchError(
+            f"{owner}: the state dict has guided-descent state format {fmt!r}; this version "
+            f"reads formats 1 to {STATE_FORMAT} (was it saved by a newer guided-descent?)"
+        )
+    saved_name = tag.get("optimizer")
+    if saved_name != owner:
+        raise StateDictMismatchError(
+            f"{owner}: the state dict was saved by optimizer {saved_name!r}, expected {owner!r}"
+        )
+
+
+def restore_tag(optimizer: Any, tag: Mapping[str, Any]) -> None:
+    """Set the counters a tag carries on a guided-descent optimizer, after its state was loaded
+    by a path that drops the tag (``torch.distributed.checkpoint``'s ``set_optimizer_state_dict``
+    keeps only ``state`` and ``param_groups``). What ``GuardedOptimizer.load_state_dict`` does
+    with the tag of a state dict loaded directly."""
+    check_tag(optimizer.STATE_NAME, tag)
+    optimizer._steps = int(tag.get("steps", 0))
+    optimizer._skipped_steps = int(tag.get("skipped_steps", 0))
+    optimizer._last_skip = None
+    optimizer._observed = {}
+    optimizer._load_extra_tag(tag)
+
+
 def check_state_dict(optimizer: TaggedOptimizer, state_dict: Any) -> None:
     """Raise :class:`StateDictMismatchError` saying how ``state_dict`` does not fit ``optimizer``.
 
@@ -89,18 +118,7 @@ def check_state_dict(optimizer: TaggedOptimizer, state_dict: Any) -> None:
         )
     tag = state_dict.get(STATE_KEY)
     if tag is not None:
-        fmt = tag.get("format") if isinstance(tag, Mapping) else None
-        if isinstance(fmt, bool) or not isinstance(fmt, int) or not 1 <= fmt <= STATE_FORMAT:
-            raise StateDictMismatchError(
-                f"{owner}: the state dict has guided-descent state format {fmt!r}; this version "
-                f"reads formats 1 to {STATE_FORMAT} (was it saved by a newer guided-descent?)"
-            )
-        saved_name = tag.get("optimizer")
-        if saved_name != owner:
-            raise StateDictMismatchError(
-                f"{owner}: the state dict was saved by optimizer {saved_name!r}, expected "
-                f"{owner!r}"
-            )
+        check_tag(owner, tag)
 
     groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
     if len(groups) != len(saved_groups):

@@ -17,6 +17,12 @@ failed matrix function keeps the previous preconditioner, is counted in the para
 warns once per parameter (:func:`warn_failure`); the step of the last complete refresh is kept
 (:func:`mark_refreshed`) so that ``diagnostics()`` reports the preconditioner's age, and the
 condition numbers of the latest refresh are kept for it too (:meth:`observe_condition`).
+
+**Several processes.** The base holds the optimizer's :class:`~guided_descent.distributed.WorkSplit`
+(``distributed=``: see :func:`guided_descent.distributed.resolve`), used by the subclasses to
+split their matrix work between replicas (DDP), and creates on first use the split over the
+device mesh of FSDP2-sharded (DTensor) parameters (:meth:`HybridOptimizer.sharded_split`). The
+AdamW groups need neither: torch's AdamW runs on DTensor shards as they are.
 """
 
 from __future__ import annotations
@@ -27,11 +33,25 @@ from itertools import chain
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.adamw import adamw as torch_adamw
 
+from guided_descent.distributed.dtensor import is_dtensor, local, mesh_group, shard_layout
+from guided_descent.distributed.split import (
+    Distributed,
+    SplitStats,
+    WorkSplit,
+    distributed_report,
+    resolve,
+)
 from guided_descent.optimizers.diagnostics import adam_step_rms
-from guided_descent.optimizers.guard import GuardedOptimizer
+from guided_descent.optimizers.guard import (
+    GuardedOptimizer,
+    NonFiniteGradientError,
+    _describe,
+    all_finite,
+)
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.routing import FALLBACK, route, split_by_ndim
 
@@ -116,17 +136,97 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
     ALGORITHM: ClassVar[str]
     MIN_NDIM: ClassVar[int] = 2
 
+    # Class-level defaults: a copy rebuilt from torch's __getstate__ has no process group.
+    work_split: WorkSplit | None = None
+    _sharded: WorkSplit | None = None
+    _own_stats: SplitStats | None = None
+
     def __init__(
         self,
         params: Any,
         defaults: dict[str, Any],
         adamw: dict[str, Any],
         on_nonfinite: str = "skip",
+        distributed: Distributed = None,
     ) -> None:
         validate_hyperparams(f"{self.ALGORITHM} (adamw groups)", adamw)
         self._init_guard(on_nonfinite)
         self._adamw_defaults = dict(adamw)
+        # Kept out of param_groups: a process group is neither a hyper-parameter nor picklable.
+        self.work_split = resolve(distributed)
         super().__init__(params, {**defaults, "algorithm": self.ALGORITHM})
+
+    @property
+    def split_stats(self) -> SplitStats:
+        """What this rank computed and exchanged (shared by the replicated and sharded splits)."""
+        if self.work_split is not None:
+            return self.work_split.stats
+        if self._own_stats is None:
+            self._own_stats = SplitStats()
+        return self._own_stats
+
+    def sharded_split(self) -> WorkSplit:
+        """The split over the device mesh of this optimizer's FSDP2-sharded parameters."""
+        if self._sharded is None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            self._sharded = WorkSplit(mesh_group(params), stats=self.split_stats)
+        return self._sharded
+
+    def _extra_diagnostics(self) -> dict[str, Any]:
+        return distributed_report(self.state, [self.work_split, self._sharded])
+
+    def _gradients_are_finite(self) -> bool:
+        """The guard's check; with FSDP2-sharded gradients, the same decision on every rank.
+
+        Each rank holds only its shards: a NaN in one rank's shard must make every rank skip
+        (the matrix steps exchange shards: one rank stepping alone would leave the others
+        waiting). Each rank checks its own shards and one all-reduce combines the flags. The
+        bookkeeping of a skip is the guard's, done here on local shards: the guard's own check
+        would evaluate DTensor reductions, whose result on each rank is only its partial one.
+        """
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not any(shard_layout(g) is not None for g in grads):
+            return super()._gradients_are_finite()
+        split = self.sharded_split()
+        with torch.no_grad():
+            flag = torch.tensor(
+                1.0 if all_finite([local(g) for g in grads]) else 0.0,
+                device=local(grads[0]).device,
+            )
+            if split.world_size > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=split.group)
+            if bool(flag):
+                return True
+            bad: list[tuple[int, str | None, tuple[int, ...]]] = []
+            total = 0
+            for group in self.param_groups:
+                names = group.get("param_names")
+                for j, p in enumerate(group["params"]):
+                    if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all()):
+                        bad.append((total, names[j] if names else None, tuple(p.shape)))
+                    total += 1
+        self._discard_step_statistics()
+        where = _describe(bad, total) if bad else "another rank's gradient shards"
+        if self.on_nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"{self.STATE_NAME}: non-finite gradient (NaN or Inf) in {where}; the step was "
+                "not taken on any rank (on_nonfinite='raise')"
+            )
+        self._skipped_steps += 1
+        self._last_skip = {
+            "step": self._steps + self._skipped_steps,
+            "params": [{"index": i, "name": name, "shape": list(shape)} for i, name, shape in bad],
+        }
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                f"{self.STATE_NAME}: skipped a step with non-finite gradients in {where} on "
+                "every rank; further skips are counted in optimizer.diagnostics()"
+                "['skipped_steps']",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
@@ -185,7 +285,12 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
     def _param_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         if group["algorithm"] == FALLBACK:
             state = self.state.get(p)
-            return {"update_rms": adam_step_rms(p, group, state) if state else None}
+            value = adam_step_rms(p, group, state) if state else None
+            if is_dtensor(value):
+                # FSDP2: the RMS of a sharded update is a partial sum on each rank; reduce it
+                # (a collective: under FSDP2 every rank calls diagnostics()).
+                value = value.full_tensor()
+            return {"update_rms": value}
         return {**super()._param_diagnostics(p, group), **self.matrix_diagnostics(p, group)}
 
     def matrix_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from guided_descent.distributed.dtensor import is_dtensor
+from guided_descent.distributed.plan import inverse_root_flops
+from guided_descent.distributed.split import (
+    Distributed,
+    TensorSpec,
+    WorkSplit,
+    distributed_report,
+    resolve,
+)
 from guided_descent.linalg.matrix_functions import MatrixFunctionError
 from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.guard import GuardedOptimizer
@@ -68,6 +77,7 @@ from guided_descent.optimizers.registry import OptimizerSpec, create, get_spec, 
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kfac import (
     ConvGeometry,
+    DampedInverses,
     Likelihood,
     conv2d_input_rows,
     conv2d_output_grad_rows,
@@ -274,6 +284,10 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
         fallback_hyperparams: keyword arguments for the fallback (its registry defaults
             otherwise). The fallback runs with ``on_nonfinite="off"``: this optimizer checks all
             gradients, the fallback's included, once.
+        distributed: sum the factor statistics over data-parallel ranks and split the inverses
+            between them (see "Data parallelism" below). ``None`` (default): when ``model`` is a
+            ``DistributedDataParallel`` module; ``True``, a process group or a
+            :class:`~guided_descent.distributed.WorkSplit`: always; ``False``: never.
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
             ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`). A skipped step
             also drops the statistics the layer hooks gathered for it.
@@ -288,9 +302,19 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
     layer and counts the failure. A batch whose factor statistics hold NaN/Inf (possible only with
     ``on_nonfinite="off"`` or overflowing activations) is not folded into the factors, so one bad
     batch cannot spoil every later inversion; it is counted in ``kfac.rejected_statistics``.
+
+    **Data parallelism.** Each rank's hooks see only its own examples, so under DDP the factors
+    of the replicas would differ and so would their updates. With a
+    :class:`~guided_descent.distributed.WorkSplit` (``distributed``: automatic when ``model`` is
+    a ``DistributedDataParallel`` module; ``True`` or a process group otherwise) the statistics
+    are summed over the ranks before they are folded in -- the factors of single-process training
+    on the whole batch -- and the damped inverses of a refresh are split between the ranks (each
+    layer's by one rank, balanced by FLOPs) and all-gathered. FSDP2-sharded (DTensor)
+    parameters are not supported.
     """
 
     STATE_NAME = "KFAC"
+    work_split: WorkSplit | None = None  # class-level: a copy rebuilt by pickle has none
 
     def __init__(
         self,
@@ -308,10 +332,18 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
         fallback: str = "adamw",
         fallback_hyperparams: Mapping[str, Any] | None = None,
         on_nonfinite: str = "skip",
+        distributed: Distributed = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"kfac needs the nn.Module (it hooks into its layers), got {model!r}")
+        sharded = [name for name, p in model.named_parameters() if is_dtensor(p)]
+        if sharded:
+            raise ValueError(
+                f"kfac does not support FSDP2-sharded (DTensor) parameters, got {sharded[:3]}; "
+                "use DistributedDataParallel (K-FAC's factors are summed over its ranks)"
+            )
         self._init_guard(on_nonfinite)
+        self.work_split = resolve(distributed, model)
         self.settings = KFACSettings(fisher, factor_frequency, inverse_frequency, kl_clip)
         defaults: dict[str, Any] = dict(
             lr=lr,
@@ -506,8 +538,8 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
     def _kfac_step(self) -> None:
         if self.settings.fisher == "sampled":
             self._check_sampled_statistics()
-        work: list[tuple[_Layer, dict[str, Any], Tensor]] = []
-        predicted_kl = 0.0
+        # (layer, its group, its state) of every layer with a gradient, in parameter order
+        entries: list[tuple[_Layer, dict[str, Any], dict[str, Any]]] = []
         for group in self.param_groups:
             if group["algorithm"] != ALGORITHM:
                 continue
@@ -515,15 +547,42 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
                 layer = self._by_weight.get(id(p))
                 if layer is None:
                     continue  # a folded bias: updated with its weight
-                out = self._preconditioned(layer, group)
-                if out is None:
+                bias_grad = None if layer.bias is None else layer.bias.grad
+                if layer.weight.grad is None and bias_grad is None:
                     continue
-                G, U = out
-                inner = float((G * U).sum())  # the sync K-FAC needs anyway, for KL clipping
-                if not math.isfinite(inner):
-                    U, inner = self._finite_direction(layer, G, U)
-                predicted_kl += float(group["lr"]) ** 2 * inner
-                work.append((layer, group, U))
+                state = self.state[layer.weight]
+                if not state:
+                    state["kfac.step"] = 0
+                    state["kfac.inverse_failures"] = 0
+                    if layer.bias is not None:
+                        # The folded bias keeps no state of its own (it lives on the weight);
+                        # an empty entry tells DCP's set_optimizer_state_dict it is not missing.
+                        self.state[layer.bias]  # noqa: B018
+                entries.append((layer, group, state))
+
+        # Layers are independent: factors of all, then inverses of all (one batch of work to
+        # split between ranks), then the preconditioned directions.
+        factor_due = [e for e in entries if e[2]["kfac.step"] % self.settings.factor_frequency == 0]
+        if self.work_split is not None:
+            self._sum_statistics([layer for layer, _, _ in factor_due], self.work_split)
+        for layer, group, state in factor_due:
+            self._update_factors(layer, state, float(group["stat_decay"]))
+        inverse_due = [
+            e
+            for e in entries
+            if e[2]["kfac.step"] % self.settings.inverse_frequency == 0 and "kfac.A" in e[2]
+        ]
+        self._update_inverses(inverse_due)
+
+        work: list[tuple[_Layer, dict[str, Any], Tensor]] = []
+        predicted_kl = 0.0
+        for layer, group, state in entries:
+            G, U = self._preconditioned(layer, state)
+            inner = float((G * U).sum())  # the sync K-FAC needs anyway, for KL clipping
+            if not math.isfinite(inner):
+                U, inner = self._finite_direction(layer, G, U)
+            predicted_kl += float(group["lr"]) ** 2 * inner
+            work.append((layer, group, U))
         nu = kl_clip_factor(predicted_kl, self.settings.kl_clip)
         for layer, group, U in work:
             self._apply(layer, group, U if nu == 1.0 else U * nu)
@@ -550,20 +609,9 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
         )
         return G, float((G.double() * G.double()).sum())
 
-    def _preconditioned(self, layer: _Layer, group: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+    def _preconditioned(self, layer: _Layer, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         weight, bias = layer.weight, layer.bias
         bias_grad = None if bias is None else bias.grad
-        if weight.grad is None and bias_grad is None:
-            return None
-        state = self.state[weight]
-        if not state:
-            state["kfac.step"] = 0
-            state["kfac.inverse_failures"] = 0
-        k = state["kfac.step"]
-        if k % self.settings.factor_frequency == 0:
-            self._update_factors(layer, state, float(group["stat_decay"]))
-        if k % self.settings.inverse_frequency == 0:
-            self._update_inverses(layer, state, float(group["damping"]))
         like = torch.empty(0, dtype=statistics_dtype(weight.dtype), device=weight.device)
         G = gradient_matrix(weight.grad, bias_grad, layer.shape, bias is not None, like)
         if "kfac.A_inv" not in state:
@@ -576,6 +624,36 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
             )
             return G, G
         return G, precondition(G, state["kfac.A_inv"], state["kfac.S_inv"])
+
+    @staticmethod
+    def _sum_statistics(layers: list[_Layer], split: WorkSplit) -> None:
+        """Replace each rank's sums by the sums over all ranks (one all-reduce per dtype).
+
+        Under data parallelism each rank records the statistics of its own examples; the
+        factors of single-process training on the whole batch are the means over all of them,
+        ``Σ_ranks Σ ā āᵀ / Σ_ranks rows``. A rank without a recording sends zeros.
+        """
+        if not layers or split.world_size == 1:
+            return
+        tensors: list[Tensor] = []
+        for layer in layers:
+            d_out, d_in = layer.shape
+            a_dim = d_in + (layer.bias is not None)
+            dtype = statistics_dtype(layer.weight.dtype)
+            device = layer.weight.device
+            zeros_a = torch.zeros(a_dim, a_dim, dtype=dtype, device=device)
+            zeros_s = torch.zeros(d_out, d_out, dtype=dtype, device=device)
+            tensors.append(zeros_a if layer.a_sum is None else layer.a_sum)
+            tensors.append(zeros_s if layer.s_sum is None else layer.s_sum)
+            # Counts in float64: exact for any realistic number of rows.
+            counts = [float(layer.a_count), float(layer.s_count)]
+            tensors.append(torch.tensor(counts, dtype=torch.float64, device=device))
+        summed = split.sum("statistics", tensors)
+        for k, layer in enumerate(layers):
+            a_sum, s_sum, counts = summed[3 * k : 3 * k + 3]
+            a_count, s_count = (int(c) for c in counts.tolist())
+            layer.a_sum, layer.a_count = (a_sum, a_count) if a_count else (None, 0)
+            layer.s_sum, layer.s_count = (s_sum, s_count) if s_count else (None, 0)
 
     def _check_sampled_statistics(self) -> None:
         # Before anything changes, so that a forgotten sample_fisher() leaves no half-done step.
@@ -605,22 +683,80 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
         state["kfac.A"] = update_ema(state.get("kfac.A"), layer.a_sum / layer.a_count, decay)
         state["kfac.S"] = update_ema(state.get("kfac.S"), layer.s_sum / layer.s_count, decay)
 
-    def _update_inverses(self, layer: _Layer, state: dict[str, Any], damping: float) -> None:
-        if "kfac.A" not in state:
+    def _update_inverses(self, due: list[tuple[_Layer, dict[str, Any], dict[str, Any]]]) -> None:
+        """Recompute the damped inverses of the ``(layer, group, state)`` entries, split between
+        ranks when this optimizer has a :class:`~guided_descent.distributed.WorkSplit`."""
+        if not due:
             return
+        results: list[DampedInverses | str]
+        if self.work_split is None:
+            results = [self._inverses(state, float(group["damping"])) for _, group, state in due]
+        else:
+            results = self._split_inverses(due, self.work_split)
+        for (layer, _group, state), result in zip(due, results, strict=True):
+            if isinstance(result, str):
+                state["kfac.inverse_failures"] += 1
+                kept = (
+                    "keeping its last good inverse"
+                    if "kfac.A_inv" in state
+                    else "using the unpreconditioned gradient until an inversion succeeds"
+                )
+                self._warn_once(
+                    layer, "inverse", f"could not invert its damped factors ({result}); {kept}"
+                )
+                continue
+            state["kfac.A_inv"], state["kfac.S_inv"] = result.A_inv, result.S_inv
+            state["kfac.inverted_at"] = state["kfac.step"] + 1  # the count after this step
+            self._observe(layer.weight, condition=result.condition)
+
+    @staticmethod
+    def _inverses(state: dict[str, Any], damping: float) -> DampedInverses | str:
+        """The damped inverses, or why they could not be computed."""
         try:
-            inverses = damped_inverses(state["kfac.A"], state["kfac.S"], damping)
+            return damped_inverses(state["kfac.A"], state["kfac.S"], damping)
         except MatrixFunctionError as err:
-            state["kfac.inverse_failures"] += 1
-            kept = "keeping its last good inverse" if "kfac.A_inv" in state else (
-                "using the unpreconditioned gradient until an inversion succeeds"
+            return str(err)
+
+    def _split_inverses(
+        self, due: list[tuple[_Layer, dict[str, Any], dict[str, Any]]], split: WorkSplit
+    ) -> list[DampedInverses | str]:
+        """Each rank inverts the factors of its share of the layers; the inverses, condition
+        numbers and success flags reach every rank, so every replica keeps the same state."""
+        specs, costs = [], []
+        for _layer, _group, state in due:
+            A, S = state["kfac.A"], state["kfac.S"]
+            specs.append(
+                [
+                    TensorSpec.of(A),
+                    TensorSpec.of(S),
+                    TensorSpec((), A.dtype, A.device),  # condition number
+                    TensorSpec((), torch.bool, A.device),  # succeeded
+                ]
             )
-            message = f"could not invert its damped factors ({err}); {kept}"
-            self._warn_once(layer, "inverse", message)
-            return
-        state["kfac.A_inv"], state["kfac.S_inv"] = inverses.A_inv, inverses.S_inv
-        state["kfac.inverted_at"] = state["kfac.step"] + 1  # the count after this step
-        self._observe(layer.weight, condition=inverses.condition)
+            costs.append(inverse_root_flops(A.shape[0]) + inverse_root_flops(S.shape[0]))
+
+        def compute(indices: list[int]) -> list[list[Tensor]]:
+            out = []
+            for i in indices:
+                _layer, group, state = due[i]
+                A, S = state["kfac.A"], state["kfac.S"]
+                result = self._inverses(state, float(group["damping"]))
+                if isinstance(result, str):
+                    failed = A.new_zeros((), dtype=torch.bool)
+                    out.append([torch.zeros_like(A), torch.zeros_like(S), A.new_zeros(()), failed])
+                else:
+                    ok = A.new_ones((), dtype=torch.bool)
+                    condition = result.condition.to(A.dtype)
+                    out.append([result.A_inv, result.S_inv, condition, ok])
+            return out
+
+        shared = split.map("inverse", costs, specs, compute)
+        return [
+            DampedInverses(A_inv, S_inv, condition)
+            if bool(ok)
+            else "eigh failed on the rank that computed it"
+            for A_inv, S_inv, condition, ok in shared
+        ]
 
     def _warn_once(self, layer: _Layer, kind: str, message: str) -> None:
         if (layer.name, kind) in self._warned:
@@ -679,6 +815,9 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
     def _param_name(self, p: Tensor) -> str | None:
         return self._names.get(id(p))
 
+    def _extra_diagnostics(self) -> dict[str, Any]:
+        return distributed_report(self.state, [self.work_split])
+
     def _param_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         if group["algorithm"] != ALGORITHM:
             assert self._fallback is not None
@@ -712,6 +851,9 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
                 g for g in self.param_groups if g["algorithm"] != ALGORITHM
             ]
             self._fallback.state = self.state
+        # Warn-once memory describes the replaced state (or the zero-gradient step DCP runs to
+        # build a template): forget it.
+        self._warned.clear()
 
     # ------------------------------------------------------------------------------ display
 
@@ -760,6 +902,7 @@ def kfac(
     fallback: str = "adamw",
     fallback_hyperparams: Mapping[str, Any] | None = None,
     on_nonfinite: str = "skip",
+    distributed: Distributed = None,
 ) -> KFAC:
     """Build :class:`KFAC` for ``model`` (see its docstring for the update and the arguments)."""
     return KFAC(
@@ -776,6 +919,7 @@ def kfac(
         fallback=fallback,
         fallback_hyperparams=fallback_hyperparams,
         on_nonfinite=on_nonfinite,
+        distributed=distributed,
     )
 
 

@@ -9,20 +9,34 @@ the registry entry.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from guided_descent.linalg.newton_schulz import JORDAN, Coefficients, coefficient_schedule
+from guided_descent.distributed.dtensor import local, shard_layout
+from guided_descent.distributed.plan import assign, newton_schulz_flops
+from guided_descent.distributed.split import Distributed, TensorSpec, auto
+from guided_descent.linalg.newton_schulz import (
+    JORDAN,
+    Coefficients,
+    coefficient_schedule,
+    default_compute_dtype,
+)
 from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, build_groups
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.orthogonalize import (
     AdjustLR,
     MatrixView,
+    matrix_shape,
+    momentum_direction,
     muon_update,
+    orthogonalize,
+    shape_scale,
 )
+from guided_descent.transforms.descend import step_rms
 
 DEFAULT_LR = 0.02
 DEFAULT_MOMENTUM = 0.95
@@ -91,6 +105,13 @@ class Muon(HybridOptimizer):
             (3e-4, (0.9, 0.95), 1e-8, 0).
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
             ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
+        distributed: split the Newton–Schulz work between data-parallel replicas: every
+            matrix is orthogonalized by one rank (balanced by FLOPs) and the results are
+            all-gathered. ``None`` (default): only when :func:`muon` is given a DDP module;
+            ``True``, a process group or a :class:`~guided_descent.distributed.WorkSplit`:
+            always; ``False``: never (see :func:`guided_descent.distributed.resolve`).
+            FSDP2-sharded (DTensor) matrices are always assembled on one owner rank,
+            orthogonalized there and sent back in shards; the momentum stays sharded.
 
     State per Muon parameter: ``momentum_buffer`` (its shape and dtype). AdamW parameters:
     ``step``, ``exp_avg``, ``exp_avg_sq`` as in ``torch.optim.AdamW``. Newton–Schulz needs no
@@ -120,6 +141,7 @@ class Muon(HybridOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         on_nonfinite: str = "skip",
+        distributed: Distributed = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -135,7 +157,7 @@ class Muon(HybridOptimizer):
         _check_muon_options("muon", defaults)
         defaults["ns_coefficients"] = _normalized_coefficients(ns_coefficients, ns_steps)
         adamw = adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
-        super().__init__(params, defaults, adamw, on_nonfinite)
+        super().__init__(params, defaults, adamw, on_nonfinite, distributed)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check before torch appends the group; a group's keys fall back to the defaults, so a
@@ -164,7 +186,24 @@ class Muon(HybridOptimizer):
             buffers.append(state["momentum_buffer"])
         if not params:
             return
-        step_rms = muon_update(
+        sharded = [shard_layout(p) is not None for p in params]
+        if any(sharded):
+            self._sharded_step(
+                group,
+                [x for x, s in zip(params, sharded, strict=True) if s],
+                [x for x, s in zip(grads, sharded, strict=True) if s],
+                [x for x, s in zip(buffers, sharded, strict=True) if s],
+            )
+            params, grads, buffers = (
+                [x for x, s in zip(xs, sharded, strict=True) if not s]
+                for xs in (params, grads, buffers)
+            )
+            if not params:
+                return
+        orthogonalizer = None
+        if self.work_split is not None:
+            orthogonalizer = partial(self._split_orthogonalize, group)
+        updates_rms = muon_update(
             params,
             grads,
             buffers,
@@ -177,9 +216,96 @@ class Muon(HybridOptimizer):
             ns_steps=group["ns_steps"],
             ns_coefficients=group["ns_coefficients"],
             ns_dtype=group["ns_dtype"],
+            orthogonalizer=orthogonalizer,
         )
-        for p, value in zip(params, step_rms, strict=True):
+        for p, value in zip(params, updates_rms, strict=True):
             self._observe(p, update_rms=value)
+
+    def _orthogonalize(self, group: Mapping[str, Any], directions: list[Tensor]) -> list[Tensor]:
+        return orthogonalize(
+            directions,
+            group["matrix_view"],
+            steps=group["ns_steps"],
+            coefficients=group["ns_coefficients"],
+            dtype=group["ns_dtype"],
+        )
+
+    def _cost(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> float:
+        count, m, n = matrix_shape(shape, group["matrix_view"])
+        return count * newton_schulz_flops(m, n, group["ns_steps"])
+
+    def _compute_dtype(self, group: Mapping[str, Any], device: torch.device) -> torch.dtype:
+        dtype = group["ns_dtype"]
+        return default_compute_dtype(device) if dtype is None else dtype
+
+    def _split_orthogonalize(
+        self, group: Mapping[str, Any], directions: list[Tensor]
+    ) -> list[Tensor]:
+        """Replicated directions (DDP): each rank orthogonalizes its share, all-gather the rest."""
+        split = self.work_split
+        assert split is not None
+        specs = [
+            [TensorSpec(tuple(d.shape), self._compute_dtype(group, d.device), d.device)]
+            for d in directions
+        ]
+
+        def compute(indices: list[int]) -> list[list[Tensor]]:
+            return [[o] for o in self._orthogonalize(group, [directions[i] for i in indices])]
+
+        costs = [self._cost(group, tuple(d.shape)) for d in directions]
+        # The results are used at once: views of the receive buffer, no copies.
+        shared = split.map("newton_schulz", costs, specs, compute, own_storage=False)
+        return [payload[0] for payload in shared]
+
+    def _sharded_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buffers: list[Tensor],
+    ) -> None:
+        """FSDP2: momentum on the local shards; each matrix is gathered on its owner rank,
+        orthogonalized there, and every rank gets its shard of the result back."""
+        split = self.sharded_split()
+        lr = float(group["lr"])
+        view = group["matrix_view"]
+        directions = [
+            momentum_direction(local(g), local(b), group["momentum"], group["nesterov"])
+            for g, b in zip(grads, buffers, strict=True)
+        ]
+        shapes = [tuple(p.shape) for p in params]
+        sizes = [
+            lr * shape_scale(*matrix_shape(shape, view)[1:], group["adjust_lr"]) for shape in shapes
+        ]
+        costs = [self._cost(group, shape) for shape in shapes]
+        dtypes = [self._compute_dtype(group, p.device) for p in params]
+
+        def compute(indices: list[int], full: list[Tensor]) -> list[tuple[Tensor, list[Tensor]]]:
+            orth = self._orthogonalize(group, full)
+            # The step's RMS over the whole matrix travels with the shards, for diagnostics.
+            return [
+                (o, [step_rms(o, sizes[i]).to(o.dtype)]) for i, o in zip(indices, orth, strict=True)
+            ]
+
+        shards, extras = split.map_sharded(
+            "newton_schulz",
+            assign(costs, split.world_size).owners,
+            costs,
+            directions,
+            [shard_layout(p) for p in params],  # type: ignore[misc]  # sharded, not None
+            compute,
+            out_dtypes=dtypes,
+            extra_specs=[
+                [TensorSpec((), dt, p.device)] for dt, p in zip(dtypes, params, strict=True)
+            ],
+        )
+        weight_decay = group["weight_decay"]
+        for p, o, size, extra in zip(params, shards, sizes, extras, strict=True):
+            target = local(p)
+            if weight_decay != 0.0:
+                target.mul_(1.0 - lr * weight_decay)
+            target.add_(o, alpha=-size)  # as muon_update: one rounding into p's dtype
+            self._observe(p, update_rms=extra[0])
 
     def matrix_state(
         self, p: Tensor, group: Mapping[str, Any]
@@ -208,13 +334,15 @@ def muon(
     adamw_weight_decay: float = 0.0,
     routing: Mapping[str, str] | None = None,
     on_nonfinite: str = "skip",
+    distributed: Distributed = None,
 ) -> Muon:
     """A :class:`Muon` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
 
     Given an ``nn.Module``, hidden ``Linear``/``Conv`` weights go to Muon and everything else to
     AdamW; ``routing`` maps ``fnmatch`` patterns on parameter names to ``"muon"`` or ``"adamw"``
     to override that. Given a list of parameters, >= 2-D ones go to Muon; param-group dicts are
-    passed through. The other arguments are :class:`Muon`'s.
+    passed through. The other arguments are :class:`Muon`'s (``distributed=None`` splits the
+    work when ``target`` is a ``DistributedDataParallel`` module).
     """
     groups = build_groups(target, Muon.ALGORITHM, routing)
     return Muon(
@@ -233,6 +361,7 @@ def muon(
         adamw_eps=adamw_eps,
         adamw_weight_decay=adamw_weight_decay,
         on_nonfinite=on_nonfinite,
+        distributed=auto(distributed, target),
     )
 
 

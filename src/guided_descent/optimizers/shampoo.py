@@ -9,12 +9,16 @@ registry entry.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from guided_descent.distributed.dtensor import local, shard_layout
+from guided_descent.distributed.plan import assign, diagonal_root_flops, inverse_root_flops
+from guided_descent.distributed.split import Distributed, TensorSpec, WorkSplit, auto
 from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     HybridOptimizer,
@@ -28,6 +32,8 @@ from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kronecker import compute_dtype, factor_name
 from guided_descent.preconditioners.shampoo import (
+    FULL,
+    InverseRoot,
     ShampooLayout,
     accumulate_factors_,
     identity_roots,
@@ -107,6 +113,13 @@ class Shampoo(HybridOptimizer):
             ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
             ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
+        distributed: split the inverse roots of a refresh between data-parallel replicas (each
+            root computed by one rank, balanced by FLOPs, then all-gathered), so that every
+            replica keeps the same state. ``None`` (default): only when :func:`shampoo` is given
+            a DDP module; ``True``, a process group or a
+            :class:`~guided_descent.distributed.WorkSplit`: always; ``False``: never. An
+            FSDP2-sharded (DTensor) parameter is always handled by one owner rank, which keeps
+            its whole state, receives the gradient shards and sends the update shards back.
 
     State per Shampoo parameter (float32, or float64): ``step``; ``shampoo.exp_avg`` (``m``);
     ``shampoo.graft_sq`` (``s``); ``shampoo.momentum_buffer`` (when momentum > 0); per dimension
@@ -144,6 +157,7 @@ class Shampoo(HybridOptimizer):
         adamw_eps: float | None = None,
         adamw_weight_decay: float | None = None,
         on_nonfinite: str = "skip",
+        distributed: Distributed = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -167,7 +181,7 @@ class Shampoo(HybridOptimizer):
             eps if adamw_eps is None else adamw_eps,
             weight_decay if adamw_weight_decay is None else adamw_weight_decay,
         )
-        super().__init__(params, defaults, adamw, on_nonfinite)
+        super().__init__(params, defaults, adamw, on_nonfinite, distributed)
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
         _check_shampoo_options(owner, group)
@@ -223,6 +237,35 @@ class Shampoo(HybridOptimizer):
         return [f"{PREFIX}.{factor_name(dim, p.dim())}" for dim in range(p.dim())]
 
     def matrix_step(self, group: dict[str, Any]) -> None:
+        params = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Shampoo does not support sparse gradients")
+            params.append(p)
+        plain = [p for p in params if shard_layout(p) is None]
+        sharded = [p for p in params if shard_layout(p) is not None]
+        lr = float(group["lr"])
+        if plain:
+
+            def apply(i: int, update: Tensor) -> None:
+                descend_(plain[i], update, lr, group["weight_decay"])
+
+            self._updates(group, [(p, p.grad) for p in plain], self.work_split, apply)
+        if sharded:
+            self._sharded_step(group, sharded)
+
+    def _updates(
+        self,
+        group: dict[str, Any],
+        items: list[tuple[Tensor, Tensor]],
+        split: WorkSplit | None,
+        consume: Callable[[int, Tensor], None],
+    ) -> None:
+        """Advance the state of every ``(parameter, full gradient)`` and hand its update ``U``
+        (the step is ``W (1 - lr wd) - lr U``) to ``consume(index, U)`` as soon as it is known;
+        ``split`` shares the work of the due inverse roots."""
         beta1, beta2 = group["betas"]
         grafting = group["grafting"]
         start = group["start_preconditioning_step"]
@@ -230,18 +273,14 @@ class Shampoo(HybridOptimizer):
         # Every factor whose root is due this step, over the whole group, for one batched pass.
         due: list[_RootJob] = []
 
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Shampoo does not support sparse gradients")
+        for p, raw_grad in items:
             state = self.state[p]
             layout = self._layout(p, group)
             if not state:
                 self._init_state(state, p, layout)
             state["step"] += 1
             t = int(state["step"].item())
-            grad = p.grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
+            grad = raw_grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
             state[f"{PREFIX}.exp_avg"].lerp_(grad, 1.0 - beta1)
             accumulate_squares_(state[f"{PREFIX}.graft_sq"], grad, grafting, beta2)
             if layout.preconditioned:
@@ -264,9 +303,10 @@ class Shampoo(HybridOptimizer):
                                 due.append((p, state, key, b, F, block.root))
             work.append((p, state, layout, t))
 
-        self._refresh_roots(due, beta2, group["epsilon"])
+        self._refresh_roots(due, beta2, group["epsilon"], split)
 
-        for p, state, layout, t in work:
+        lr = float(group["lr"])
+        for i, (p, state, layout, t) in enumerate(work):
             exp_avg_hat = state[f"{PREFIX}.exp_avg"] / (1.0 - beta1**t)
             diagonal = diagonal_update(
                 exp_avg_hat,
@@ -281,20 +321,93 @@ class Shampoo(HybridOptimizer):
             else:
                 update = self._shampoo_direction(p, state, layout, exp_avg_hat, diagonal, grafting)
             update = self._momentum(state, update, group["momentum"], group["nesterov"])
-            lr = float(group["lr"])
             self._observe(p, update_rms=rms(update, lr))
-            descend_(p, update, lr, group["weight_decay"])
+            consume(i, update)
 
-    def _refresh_roots(self, due: list[_RootJob], beta2: float, epsilon: float) -> None:
+    def _cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
+        """Estimated FLOPs per step of a parameter's whole update: factor statistics and the
+        preconditioned direction (``~4 numel`` per dense dimension's length) and its inverse
+        roots, amortized over ``precondition_frequency``."""
+        numel = p.numel()
+        cost = float(numel)
+        for block in self._layout(p, group).blocks:
+            if not block.preconditioned:
+                continue
+            block_numel = math.prod(block.shape)
+            for n, kind in zip(block.shape, block.kinds, strict=True):
+                if kind == FULL:
+                    cost += 4.0 * block_numel * n
+                    cost += inverse_root_flops(n) / group["precondition_frequency"]
+        return cost
+
+    def _sharded_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """FSDP2: each sharded parameter's whole Shampoo state lives on one owner rank (the
+        preconditioner needs the full matrix). Every rank sends its gradient shard to the owner;
+        the owner computes the update from the full gradient exactly as on one process and
+        sends each rank its shard back; every rank applies its shard."""
+        split = self.sharded_split()
+        # Owners over all sharded parameters of the group, not just those with a gradient this
+        # step: the owner keeps the state, so it must not change from step to step.
+        every = [p for p in group["params"] if shard_layout(p) is not None]
+        plan = assign([self._cost(p, group) for p in every], split.world_size)
+        owner_of = {id(p): rank for p, rank in zip(every, plan.owners, strict=True)}
+        owners = [owner_of[id(p)] for p in params]
+        for p, owner in zip(params, owners, strict=True):
+            if owner != split.rank:
+                # An empty entry: DCP's get/set_optimizer_state_dict then see every parameter.
+                self.state[p]  # noqa: B018
+        lr = float(group["lr"])
+        dtypes = [compute_dtype(p.dtype) for p in params]
+
+        def compute(indices: list[int], full: list[Tensor]) -> list[tuple[Tensor, list[Tensor]]]:
+            out: list[tuple[Tensor, list[Tensor]]] = []
+
+            def keep(_i: int, update: Tensor) -> None:
+                # May be the momentum buffer itself: nothing writes to it before it is sent.
+                out.append((update, [rms(update, lr).to(update.dtype)]))
+
+            self._updates(
+                group, [(params[i], g) for i, g in zip(indices, full, strict=True)], None, keep
+            )
+            return out
+
+        shards, extras = split.map_sharded(
+            "shampoo",
+            owners,
+            [self._cost(p, group) for p in params],
+            [local(p.grad) for p in params],
+            [shard_layout(p) for p in params],  # type: ignore[misc]  # sharded, not None
+            compute,
+            out_dtypes=dtypes,
+            extra_specs=[
+                [TensorSpec((), dt, p.device)] for dt, p in zip(dtypes, params, strict=True)
+            ],
+        )
+        for p, owner, update, extra in zip(params, owners, shards, extras, strict=True):
+            if owner != split.rank:
+                self._observe(p, update_rms=extra[0])
+            descend_(local(p), update, lr, group["weight_decay"])
+
+    def _refresh_roots(
+        self, due: list[_RootJob], beta2: float, epsilon: float, split: WorkSplit | None
+    ) -> None:
         if not due:
             return
-        # The EMA starts from zero: dividing by 1 - beta2^t removes that bias, so that epsilon
-        # damps a factor of the same scale at every step.
-        scaled = []
-        for _p, state, _key, _b, F, _root in due:
-            t = int(state["step"].item())
-            scaled.append(F / (1.0 - beta2**t))
-        results = inverse_roots(scaled, [item[-1] for item in due], epsilon)
+
+        def scaled(job: _RootJob) -> Tensor:
+            # The EMA starts from zero: dividing by 1 - beta2^t removes that bias, so that
+            # epsilon damps a factor of the same scale at every step.
+            _p, state, _key, _b, F, _root = job
+            return F / (1.0 - beta2 ** int(state["step"].item()))
+
+        def compute(indices: list[int]) -> list[InverseRoot | None]:
+            jobs = [due[i] for i in indices]
+            return inverse_roots([scaled(job) for job in jobs], [job[-1] for job in jobs], epsilon)
+
+        if split is None:
+            results = compute(list(range(len(due))))
+        else:
+            results = self._split_roots(due, compute, split)
         failed: set[int] = set()
         for (p, state, key, b, _F, _root), result in zip(due, results, strict=True):
             if result is None:
@@ -305,6 +418,44 @@ class Shampoo(HybridOptimizer):
             state[f"{key}.inv_root"][b] = result.root
             self.observe_condition(p, (key, b), result.condition)
         mark_refreshed(((p, state) for p, state, *_ in due), failed, REFRESHED_AT)
+
+    @staticmethod
+    def _split_roots(
+        due: list[_RootJob],
+        compute: Callable[[list[int]], list[InverseRoot | None]],
+        split: WorkSplit,
+    ) -> list[InverseRoot | None]:
+        """Each rank computes its share of the roots; the roots, their condition numbers and
+        whether they succeeded reach every rank (a failure is then handled alike everywhere)."""
+        specs = []
+        costs = []
+        for _p, _state, _key, _b, F, _root in due:
+            n = F.shape[0]
+            costs.append(inverse_root_flops(n) if F.dim() == 2 else diagonal_root_flops(n))
+            specs.append(
+                [
+                    TensorSpec(tuple(F.shape), F.dtype, F.device),
+                    TensorSpec((), F.dtype, F.device),  # condition number of the damped factor
+                    TensorSpec((), torch.bool, F.device),  # succeeded
+                ]
+            )
+
+        def payloads(indices: list[int]) -> list[list[Tensor]]:
+            out = []
+            for i, result in zip(indices, compute(indices), strict=True):
+                F = due[i][4]
+                if result is None:
+                    failed = F.new_zeros((), dtype=torch.bool)
+                    out.append([torch.zeros_like(F), F.new_zeros(()), failed])
+                else:
+                    condition = result.condition.to(F.dtype)
+                    out.append([result.root, condition, F.new_ones((), dtype=torch.bool)])
+            return out
+
+        shared = split.map("inverse_root", costs, specs, payloads)
+        return [
+            InverseRoot(root, condition) if bool(ok) else None for root, condition, ok in shared
+        ]
 
     def _shampoo_direction(
         self,
@@ -361,6 +512,7 @@ def shampoo(
     adamw_weight_decay: float | None = None,
     routing: Mapping[str, str] | None = None,
     on_nonfinite: str = "skip",
+    distributed: Distributed = None,
 ) -> Shampoo:
     """A :class:`Shampoo` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
 
@@ -390,6 +542,7 @@ def shampoo(
         adamw_eps=adamw_eps,
         adamw_weight_decay=adamw_weight_decay,
         on_nonfinite=on_nonfinite,
+        distributed=auto(distributed, target),
     )
 
 

@@ -8,12 +8,15 @@ registry entry.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from guided_descent.distributed.dtensor import local, shard_layout
+from guided_descent.distributed.plan import assign, eigh_flops, qr_refresh_flops
+from guided_descent.distributed.split import Distributed, TensorSpec, WorkSplit, auto
 from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     HybridOptimizer,
@@ -27,6 +30,7 @@ from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kronecker import compute_dtype, factor_name, kronecker_factor
 from guided_descent.preconditioners.soap import (
+    BasisRefresh,
     initial_bases,
     permute_rotated_,
     refresh_bases,
@@ -82,6 +86,12 @@ class SOAP(HybridOptimizer):
             ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
             ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
+        distributed: split the eigendecompositions and basis refreshes between data-parallel
+            replicas (each by one rank, balanced by FLOPs, then all-gathered). ``None``
+            (default): only when :func:`soap` is given a DDP module; ``True``, a process group
+            or a :class:`~guided_descent.distributed.WorkSplit`: always; ``False``: never. An
+            FSDP2-sharded (DTensor) parameter is always handled by one owner rank, which keeps
+            its whole state, receives the gradient shards and sends the update shards back.
 
     State per SOAP parameter (float32, or float64): ``step``; ``exp_avg`` (original space);
     ``exp_avg_sq`` (rotated space); per rotated dimension ``soap.L``/``soap.R`` (matrices) or
@@ -114,6 +124,7 @@ class SOAP(HybridOptimizer):
         adamw_eps: float | None = None,
         adamw_weight_decay: float | None = None,
         on_nonfinite: str = "skip",
+        distributed: Distributed = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -131,7 +142,7 @@ class SOAP(HybridOptimizer):
             eps if adamw_eps is None else adamw_eps,
             weight_decay if adamw_weight_decay is None else adamw_weight_decay,
         )
-        super().__init__(params, defaults, adamw, on_nonfinite)
+        super().__init__(params, defaults, adamw, on_nonfinite, distributed)
 
     def matrix_state(
         self, p: Tensor, group: Mapping[str, Any]
@@ -175,18 +186,44 @@ class SOAP(HybridOptimizer):
         return [(d, key) for d, key in keys if key in state]
 
     def matrix_step(self, group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
-        fresh: list[_BasisJob] = []
-        due: list[_BasisJob] = []
-
+        params = []
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("SOAP does not support sparse gradients")
+            params.append(p)
+        plain = [p for p in params if shard_layout(p) is None]
+        sharded = [p for p in params if shard_layout(p) is not None]
+        lr = float(group["lr"])
+        if plain:
+
+            def apply(i: int, update: Tensor) -> None:
+                descend_(plain[i], update, lr, group["weight_decay"])
+
+            self._updates(group, [(p, p.grad) for p in plain], self.work_split, apply)
+        if sharded:
+            self._sharded_step(group, sharded)
+
+    def _updates(
+        self,
+        group: dict[str, Any],
+        items: list[tuple[Tensor, Tensor]],
+        split: WorkSplit | None,
+        consume: Callable[[int, Tensor], None],
+    ) -> None:
+        """Advance the state of every ``(parameter, full gradient)``; hand the update ``N`` of
+        each parameter that moves this step (not on its first gradient, see the class
+        docstring) to ``consume(index, N)``. ``split`` shares the work of the bases."""
+        beta1, beta2 = group["betas"]
+        shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
+        fresh: list[_BasisJob] = []
+        due: list[_BasisJob] = []
+        lr = float(group["lr"])
+
+        for i, (p, raw_grad) in enumerate(items):
             state = self.state[p]
-            grad = p.grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
+            grad = raw_grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
             is_new = not state
             if is_new:
                 self._init_state(state, p, rotated_dims(p.shape, group["max_precond_dim"]))
@@ -214,22 +251,92 @@ class SOAP(HybridOptimizer):
                 eps=group["eps"],
                 step=t,
             )
-            lr = float(group["lr"])
             self._observe(p, update_rms=rms(update, lr))
-            descend_(p, update, lr, group["weight_decay"])
+            consume(i, update)
             # After the step, so that this gradient is not used to rotate itself.
             for d, key in factors:
                 state[key].lerp_(kronecker_factor(grad, d), 1.0 - shampoo_beta)
                 if t % group["precondition_frequency"] == 0:
                     due.append((p, state, d, key))
 
-        self._initial_bases(fresh)
-        self._refresh_bases(due)
+        self._initial_bases(fresh, split)
+        self._refresh_bases(due, split)
 
-    def _initial_bases(self, jobs: list[_BasisJob]) -> None:
+    def _cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
+        """Estimated FLOPs per step of a parameter's update: four mode products with each
+        rotated dimension's basis and its factor statistics (``~2 numel n`` each), plus the
+        basis refresh amortized over ``precondition_frequency``."""
+        cost = float(p.numel())
+        for d in rotated_dims(tuple(p.shape), group["max_precond_dim"]):
+            n = p.shape[d]
+            cost += 10.0 * p.numel() * n + qr_refresh_flops(n) / group["precondition_frequency"]
+        return cost
+
+    def _sharded_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """FSDP2: each sharded parameter's whole SOAP state lives on one owner rank (rotating
+        into the eigenbasis needs the full matrix). Every rank sends its gradient shard to the
+        owner, which computes the update exactly as on one process and sends the shards back,
+        with a flag saying whether the parameter moves this step."""
+        split = self.sharded_split()
+        # Owners over all sharded parameters of the group, not just those with a gradient this
+        # step: the owner keeps the state, so it must not change from step to step.
+        every = [p for p in group["params"] if shard_layout(p) is not None]
+        plan = assign([self._cost(p, group) for p in every], split.world_size)
+        owner_of = {id(p): rank for p, rank in zip(every, plan.owners, strict=True)}
+        owners = [owner_of[id(p)] for p in params]
+        for p, owner in zip(params, owners, strict=True):
+            if owner != split.rank:
+                # An empty entry: DCP's get/set_optimizer_state_dict then see every parameter.
+                self.state[p]  # noqa: B018
+        lr = float(group["lr"])
+        dtypes = [compute_dtype(p.dtype) for p in params]
+
+        def compute(indices: list[int], full: list[Tensor]) -> list[tuple[Tensor, list[Tensor]]]:
+            updates: dict[int, Tensor] = {}
+
+            def keep(i: int, update: Tensor) -> None:
+                updates[i] = update
+
+            self._updates(
+                group, [(params[i], g) for i, g in zip(indices, full, strict=True)], None, keep
+            )
+            out = []
+            for j, i in enumerate(indices):
+                update = updates.get(j)
+                if update is None:  # the first gradient: zeros, and a flag that says "stay"
+                    zero = torch.zeros(params[i].shape, dtype=dtypes[i], device=full[j].device)
+                    out.append((zero, [zero.new_zeros(()), zero.new_zeros(())]))
+                else:
+                    moved = update.new_ones(())
+                    out.append((update, [moved, rms(update, lr).to(update.dtype)]))
+            return out
+
+        shards, extras = split.map_sharded(
+            "soap",
+            owners,
+            [self._cost(p, group) for p in params],
+            [local(p.grad) for p in params],
+            [shard_layout(p) for p in params],  # type: ignore[misc]  # sharded, not None
+            compute,
+            out_dtypes=dtypes,
+            extra_specs=[
+                [TensorSpec((), dt, p.device)] * 2 for dt, p in zip(dtypes, params, strict=True)
+            ],
+        )
+        for p, owner, update, (moved, size) in zip(params, owners, shards, extras, strict=True):
+            if owner != split.rank:
+                self._observe(p, update_rms=size)
+            if bool(moved):
+                descend_(local(p), update, lr, group["weight_decay"])
+
+    def _initial_bases(self, jobs: list[_BasisJob], split: WorkSplit | None) -> None:
         if not jobs:
             return
-        bases = initial_bases([state[key] for _p, state, _d, key in jobs])
+        factors = [state[key] for _p, state, _d, key in jobs]
+        if split is None:
+            bases = initial_bases(factors)
+        else:
+            bases = self._split_initial_bases(factors, split)
         failed: set[int] = set()
         for (p, state, _d, key), basis in zip(jobs, bases, strict=True):
             if basis is None:  # keeps the identity basis it was created with
@@ -240,13 +347,34 @@ class SOAP(HybridOptimizer):
             state[f"{key}.basis"] = basis
         mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
 
-    def _refresh_bases(self, jobs: list[_BasisJob]) -> None:
+    @staticmethod
+    def _split_initial_bases(factors: list[Tensor], split: WorkSplit) -> list[Tensor | None]:
+        """Each rank decomposes its share; bases and success flags reach every rank."""
+        specs = [[TensorSpec.of(F), TensorSpec((), torch.bool, F.device)] for F in factors]
+
+        def compute(indices: list[int]) -> list[list[Tensor]]:
+            out = []
+            for i, basis in zip(indices, initial_bases([factors[i] for i in indices]), strict=True):
+                F = factors[i]
+                if basis is None:
+                    out.append([torch.zeros_like(F), F.new_zeros((), dtype=torch.bool)])
+                else:
+                    out.append([basis, F.new_ones((), dtype=torch.bool)])
+            return out
+
+        costs = [eigh_flops(F.shape[0]) for F in factors]
+        shared = split.map("eigh", costs, specs, compute)
+        return [basis if bool(ok) else None for basis, ok in shared]
+
+    def _refresh_bases(self, jobs: list[_BasisJob], split: WorkSplit | None) -> None:
         if not jobs:
             return
-        results = refresh_bases(
-            [state[key] for _p, state, _d, key in jobs],
-            [state[f"{key}.basis"] for _p, state, _d, key in jobs],
-        )
+        factors = [state[key] for _p, state, _d, key in jobs]
+        bases = [state[f"{key}.basis"] for _p, state, _d, key in jobs]
+        if split is None:
+            results = refresh_bases(factors, bases)
+        else:
+            results = self._split_refresh_bases(factors, bases, split)
         failed: set[int] = set()
         for (p, state, d, key), result in zip(jobs, results, strict=True):
             if not bool(result.ok):
@@ -258,6 +386,34 @@ class SOAP(HybridOptimizer):
             permute_rotated_(state["exp_avg_sq"], d, result.order)
             self.observe_condition(p, key, result.condition)
         mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
+
+    @staticmethod
+    def _split_refresh_bases(
+        factors: list[Tensor], bases: list[Tensor], split: WorkSplit
+    ) -> list[BasisRefresh]:
+        """Each rank refreshes its share; every field of every refresh reaches every rank."""
+        specs = []
+        for F in factors:
+            n = F.shape[0]
+            specs.append(
+                [
+                    TensorSpec.of(F),  # basis (in the compute dtype, like the factor)
+                    TensorSpec((n,), torch.int64, F.device),  # column order
+                    TensorSpec((), torch.bool, F.device),  # ok
+                    TensorSpec((), F.dtype, F.device),  # condition estimate
+                ]
+            )
+
+        def compute(indices: list[int]) -> list[list[Tensor]]:
+            results = refresh_bases([factors[i] for i in indices], [bases[i] for i in indices])
+            return [
+                [r.basis, r.order, r.ok, r.condition.to(factors[i].dtype)]
+                for i, r in zip(indices, results, strict=True)
+            ]
+
+        costs = [qr_refresh_flops(F.shape[0]) for F in factors]
+        shared = split.map("qr_refresh", costs, specs, compute)
+        return [BasisRefresh(*fields) for fields in shared]
 
 
 def soap(
@@ -276,6 +432,7 @@ def soap(
     adamw_weight_decay: float | None = None,
     routing: Mapping[str, str] | None = None,
     on_nonfinite: str = "skip",
+    distributed: Distributed = None,
 ) -> SOAP:
     """A :class:`SOAP` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
 
@@ -300,6 +457,7 @@ def soap(
         adamw_eps=adamw_eps,
         adamw_weight_decay=adamw_weight_decay,
         on_nonfinite=on_nonfinite,
+        distributed=auto(distributed, target),
     )
 
 

@@ -41,7 +41,7 @@ matmul launches per iteration instead of one per layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
 import torch
@@ -143,6 +143,7 @@ def muon_update(
     ns_coefficients: Coefficients | Sequence[Coefficients],
     ns_dtype: torch.dtype | None = None,
     eps: float = 1e-7,
+    orthogonalizer: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> list[Tensor]:
     """One Muon step in place on ``params`` and ``momentum_buffers`` (functional form).
 
@@ -150,19 +151,26 @@ def muon_update(
     (buffers in the parameter's dtype). The update rule is in the module docstring. Returns the
     RMS of each parameter's step ``lr · scale · O`` (weight decay excluded) as 0-d tensors, for
     diagnostics: one norm per parameter, no host sync.
+
+    ``orthogonalizer`` replaces the local :func:`orthogonalize` of the directions (same
+    contract: the list of ``O``, one per direction, in the compute dtype); the optimizer passes
+    one that splits the work across ranks.
     """
     directions = [
         momentum_direction(g, buf, momentum, nesterov)
         for g, buf in zip(grads, momentum_buffers, strict=True)
     ]
-    orthogonal = orthogonalize(
-        directions,
-        matrix_view,
-        steps=ns_steps,
-        coefficients=ns_coefficients,
-        dtype=ns_dtype,
-        eps=eps,
-    )
+    if orthogonalizer is not None:
+        orthogonal = orthogonalizer(directions)
+    else:
+        orthogonal = orthogonalize(
+            directions,
+            matrix_view,
+            steps=ns_steps,
+            coefficients=ns_coefficients,
+            dtype=ns_dtype,
+            eps=eps,
+        )
     sizes = []
     for p, o in zip(params, orthogonal, strict=True):
         _, m, n = matrix_shape(p.shape, matrix_view)

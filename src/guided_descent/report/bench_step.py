@@ -96,6 +96,38 @@ def render(run_dir: Path) -> Path:
             ),
             "",
         ]
+    precond = {n: r for n, r in rows.items() if r.get("precond_ms") is not None}
+    if precond:
+        world = results.get("world_size", 1)
+        ranks = range(world)
+        lines += [
+            f"## Matrix work per rank ({world} process{'es' if world > 1 else ''})",
+            "",
+            "Time each rank spent on its own share of the Newton–Schulz iterations, "
+            "eigendecompositions and inverse roots, per optimizer step, as wall time and as the "
+            "process's CPU time (the work itself, whatever else runs on the machine; see "
+            "docs/distributed.md). `param checksum`: the sum of squares of the parameters after "
+            "the timed steps, the same for every number of processes.",
+            "",
+            table(
+                (
+                    "optimizer",
+                    *(f"rank {k} ms" for k in ranks),
+                    *(f"rank {k} CPU ms" for k in ranks),
+                    "param checksum",
+                ),
+                [
+                    (
+                        n,
+                        *(r.get("precond_ms_per_rank") or [r["precond_ms"]]),
+                        *(r.get("precond_cpu_ms_per_rank") or [r.get("precond_cpu_ms")]),
+                        f"{r['param_checksum']:.12g}" if r.get("param_checksum") else "",
+                    )
+                    for n, r in precond.items()
+                ],
+            ),
+            "",
+        ]
     if "muon" in rows and "speedup_vs_torch_muon" in rows["muon"]:
         lines += [
             f"Muon vs `torch.optim.Muon` on the same hidden matrices: "
