@@ -276,7 +276,8 @@ def scenario_split_counts(rank: int, world: int, tmp: Path) -> dict[str, Any]:
 def scenario_guard_agrees_under_fsdp2(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     """A NaN in one rank's gradient shard makes every rank skip the step."""
     out = {}
-    for name in MATRIX:
+    # The matrix methods and two elementwise ones (torch-native AdamW, our Lion) on shards.
+    for name in (*MATRIX, "adamw", "lion"):
         model = fsdp2(new_model())
         opt = make_optimizer(name, model)
         train(model, opt, range(2), rank=rank, world=world)

@@ -91,8 +91,10 @@ def restore_tag(optimizer: Any, tag: Mapping[str, Any]) -> None:
     """Set the counters a tag carries on a guided-descent optimizer, after its state was loaded
     by a path that drops the tag (``torch.distributed.checkpoint``'s ``set_optimizer_state_dict``
     keeps only ``state`` and ``param_groups``). What ``GuardedOptimizer.load_state_dict`` does
-    with the tag of a state dict loaded directly."""
-    check_tag(optimizer.STATE_NAME, tag)
+    with the tag of a state dict loaded directly. An empty tag (a state dict saved before tags
+    existed) resets the counters."""
+    if tag:
+        check_tag(optimizer.STATE_NAME, tag)
     optimizer._steps = int(tag.get("steps", 0))
     optimizer._skipped_steps = int(tag.get("skipped_steps", 0))
     optimizer._last_skip = None

@@ -71,6 +71,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from guided_descent.distributed.dtensor import is_dtensor
 from guided_descent.transforms.descend import step_rms as rms
 
 StepRMS = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor | None]
@@ -97,7 +98,13 @@ def materialize(entries: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
             if isinstance(value, Tensor):
                 by_device.setdefault(value.device, []).append((entry, key, value))
     for items in by_device.values():
-        values = torch.stack([v.detach().reshape(()).double() for _, _, v in items]).tolist()
+        # A DTensor value (FSDP2) is reduced to its global value first.
+        values = torch.stack(
+            [
+                (v.full_tensor() if is_dtensor(v) else v).detach().reshape(()).double()
+                for _, _, v in items
+            ]
+        ).tolist()
         for (entry, key, _), x in zip(items, values, strict=True):
             entry[key] = json_float(x)
 

@@ -49,9 +49,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from guided_descent.optimizers.checkpoint import STATE_FORMAT, STATE_KEY, check_state_dict
+from guided_descent.distributed.dtensor import is_dtensor, local
+from guided_descent.optimizers.checkpoint import (
+    STATE_FORMAT,
+    STATE_KEY,
+    check_state_dict,
+    restore_tag,
+)
 from guided_descent.optimizers.diagnostics import StepRMS, materialize
 from guided_descent.optimizers.validation import CHECKS
 
@@ -168,23 +175,38 @@ class GuardedOptimizer:
         """Forget what was recorded for the coming step (layer hooks); the step is skipped."""
 
     def _gradients_are_finite(self) -> bool:
+        """The policy's check: ``True`` to step. The same decision on every rank.
+
+        With FSDP2 each rank holds only shards of the gradients: each checks its own, and one
+        all-reduce (MIN of a 0/1 flag over the shards' process group) combines them, so a NaN
+        in one rank's shard skips the step everywhere (ranks stepping apart would desynchronise
+        the replicas and leave collectives waiting).
+        """
         with torch.no_grad():
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if not grads or all_finite(grads):
+            if not grads:
                 return True
-            # The rare path: find the culprits, one sync per gradient.
+            finite = all_finite([local(g) for g in grads])
+            group = next((g.device_mesh.get_group() for g in grads if is_dtensor(g)), None)
+            if group is not None and dist.get_world_size(group) > 1:
+                flag = torch.tensor(1.0 if finite else 0.0, device=local(grads[0]).device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+                finite = bool(flag)
+            if finite:
+                return True
+            # The rare path: find the culprits among this rank's shards, one sync per gradient.
             bad: list[tuple[int, str | None, tuple[int, ...]]] = []
             total = 0
-            for group in self.param_groups:
-                names = group.get("param_names")
-                for j, p in enumerate(group["params"]):
+            for group_ in self.param_groups:
+                names = group_.get("param_names")
+                for j, p in enumerate(group_["params"]):
                     g = p.grad
-                    if g is not None and not bool(torch.isfinite(_finite_values(g)).all()):
+                    if g is not None and not bool(torch.isfinite(_finite_values(local(g))).all()):
                         name = names[j] if names else self._param_name(p)
                         bad.append((total, name, tuple(p.shape)))
                     total += 1
         self._discard_step_statistics()
-        where = _describe(bad, total)
+        where = _describe(bad, total) if bad else "another rank's gradient shards"
         if self.on_nonfinite == "raise":
             raise NonFiniteGradientError(
                 f"{self.STATE_NAME}: non-finite gradient (NaN or Inf) in {where}; the step was "
@@ -239,12 +261,7 @@ class GuardedOptimizer:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_dict(self, state_dict)
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        tag = state_dict.get(STATE_KEY) or {}
-        self._steps = int(tag.get("steps", 0))
-        self._skipped_steps = int(tag.get("skipped_steps", 0))
-        self._last_skip = None
-        self._observed = {}  # observations of the replaced state no longer describe it
-        self._load_extra_tag(tag)
+        restore_tag(self, state_dict.get(STATE_KEY) or {})
 
     def expected_state(
         self, p: Tensor, group: Mapping[str, Any]

@@ -33,11 +33,10 @@ from itertools import chain
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.adamw import adamw as torch_adamw
 
-from guided_descent.distributed.dtensor import is_dtensor, local, mesh_group, shard_layout
+from guided_descent.distributed.dtensor import is_dtensor, mesh_group
 from guided_descent.distributed.split import (
     Distributed,
     SplitStats,
@@ -48,9 +47,6 @@ from guided_descent.distributed.split import (
 from guided_descent.optimizers.diagnostics import adam_step_rms
 from guided_descent.optimizers.guard import (
     GuardedOptimizer,
-    NonFiniteGradientError,
-    _describe,
-    all_finite,
 )
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.routing import FALLBACK, route, split_by_ndim
@@ -174,59 +170,6 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
 
     def _extra_diagnostics(self) -> dict[str, Any]:
         return distributed_report(self.state, [self.work_split, self._sharded])
-
-    def _gradients_are_finite(self) -> bool:
-        """The guard's check; with FSDP2-sharded gradients, the same decision on every rank.
-
-        Each rank holds only its shards: a NaN in one rank's shard must make every rank skip
-        (the matrix steps exchange shards: one rank stepping alone would leave the others
-        waiting). Each rank checks its own shards and one all-reduce combines the flags. The
-        bookkeeping of a skip is the guard's, done here on local shards: the guard's own check
-        would evaluate DTensor reductions, whose result on each rank is only its partial one.
-        """
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not any(shard_layout(g) is not None for g in grads):
-            return super()._gradients_are_finite()
-        split = self.sharded_split()
-        with torch.no_grad():
-            flag = torch.tensor(
-                1.0 if all_finite([local(g) for g in grads]) else 0.0,
-                device=local(grads[0]).device,
-            )
-            if split.world_size > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=split.group)
-            if bool(flag):
-                return True
-            bad: list[tuple[int, str | None, tuple[int, ...]]] = []
-            total = 0
-            for group in self.param_groups:
-                names = group.get("param_names")
-                for j, p in enumerate(group["params"]):
-                    if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all()):
-                        bad.append((total, names[j] if names else None, tuple(p.shape)))
-                    total += 1
-        self._discard_step_statistics()
-        where = _describe(bad, total) if bad else "another rank's gradient shards"
-        if self.on_nonfinite == "raise":
-            raise NonFiniteGradientError(
-                f"{self.STATE_NAME}: non-finite gradient (NaN or Inf) in {where}; the step was "
-                "not taken on any rank (on_nonfinite='raise')"
-            )
-        self._skipped_steps += 1
-        self._last_skip = {
-            "step": self._steps + self._skipped_steps,
-            "params": [{"index": i, "name": name, "shape": list(shape)} for i, name, shape in bad],
-        }
-        if not self._warned_skip:
-            self._warned_skip = True
-            warnings.warn(
-                f"{self.STATE_NAME}: skipped a step with non-finite gradients in {where} on "
-                "every rank; further skips are counted in optimizer.diagnostics()"
-                "['skipped_steps']",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
