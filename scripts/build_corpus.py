@@ -40,7 +40,8 @@ def main(lib: Path, out: Path) -> None:
     target.write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
     shutil.copy(lib / "LICENSE.txt", out / "PSF-LICENSE.txt")
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    print(f"{target}: {len(data)} bytes of text, {target.stat().st_size} compressed, sha256 {digest}")
+    size = target.stat().st_size
+    print(f"{target}: {len(data)} bytes of text, {size} compressed, sha256 {digest}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
                        [--optimizers a,b] [experiment flags]
     guided-descent run --resume RUN_DIR
     guided-descent bench step [--device D] [--optimizers a,b] [--out DIR] [--quick] [--nproc N]
+    guided-descent bench train TASK [--optimizers a,b] [--peers] [--seeds N] [--budget-steps N]
+                               [--budget-minutes M] [--lr-sweep] [--device D] [--quick] [--out DIR]
     guided-descent report RUN_DIR
 
 ``--nproc N`` relaunches the command on N processes through ``torchrun`` (experiments that split
@@ -143,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     for kind, info in BENCHMARKS.items():
         config_cls = info.load().Config
         sub = kinds.add_parser(kind, help=info.summary, description=config_cls.__doc__)
+        if "task" in config_cls.__dataclass_fields__:
+            # `bench train TASK`: the task may also be given as a positional argument.
+            sub.add_argument("task_positional", nargs="?", metavar="TASK", default=None,
+                             help="the workload (same as --task)")
         _add_run_flags(sub)
         add_config_arguments(sub, config_cls)
 
@@ -177,6 +183,11 @@ def _config(name: str, args: argparse.Namespace) -> Any:
     base = config_cls.quick() if getattr(args, "quick", False) else config_cls()
     names = {f for f in base.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in names}
+    positional = getattr(args, "task_positional", None)
+    if positional is not None:
+        if "task" in overrides and overrides["task"] != positional:
+            raise UsageError(f"task given twice: {positional!r} and --task {overrides['task']!r}")
+        overrides["task"] = positional
     try:
         return base.replace(**overrides)
     except (ValueError, TypeError) as e:

@@ -75,6 +75,11 @@ BENCHMARKS: dict[str, ExperimentInfo] = {
         "guided_descent.experiments.bench_step",
         "time optimizer.step() and state memory on GPT-2-small shapes, vs fused AdamW",
     ),
+    "train": ExperimentInfo(
+        "bench_train",
+        "guided_descent.experiments.bench_train",
+        "train a task's model to a target: steps, seconds and memory per optimizer vs AdamW",
+    ),
 }
 
 

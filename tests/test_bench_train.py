@@ -1,0 +1,269 @@
+"""`guided-descent bench train`: protocol pieces, a tiny end-to-end run, peers optional."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from guided_descent.cli.main import main
+from guided_descent.experiments import peers as peer_lib
+from guided_descent.experiments.bench_train import (
+    WORKLOADS,
+    Config,
+    clears_spread,
+    make_schedule,
+    run_one,
+    time_to_target,
+)
+from guided_descent.experiments.records import MetricsWriter, read_metrics
+
+QUICK = ["--quick", "--quiet", "--threads", "1"]
+
+
+def _bench(tmp_path, name: str, *flags: str) -> dict:
+    out = tmp_path / name
+    assert main(["bench", "train", *flags, *QUICK, "--out", str(out)]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_quick_run_writes_table_figures_and_claims(tmp_path, capsys):
+    summary = _bench(tmp_path, "digits", "digits-mlp")  # TASK positional, as in the README
+    out = tmp_path / "digits"
+    assert capsys.readouterr().out.strip() == str(out / "report.md")
+    res = summary["results"]
+    assert list(res["optimizers"]) == ["adamw", "muon"]  # the CI variant's list, AdamW first
+    for row in res["optimizers"].values():
+        assert row["seeds"] == 2 and row["finite"]
+        assert row["opt_step_ms"]["median"] > 0 and row["state_bytes"] > 0
+        assert "steps" in row["target"] and "steps" in row["adamw_target"]
+    assert res["optimizers"]["adamw"]["vs_adamw"]["opt_step_ms"] == 1.0
+    names = [c["name"] for c in summary["claims"]]
+    assert names[0] == "all-finite" and summary["claims"][0]["passed"]
+    assert "all-reach" in names and any(n.startswith("ranking:") for n in names)
+    report = (out / "report.md").read_text()
+    for figure in ("loss_vs_steps.png", "loss_vs_time.png"):
+        assert f"./{figure}" in report and (out / figure).stat().st_size > 1000
+    assert "| optimizer | final test_acc | steps to target |" in report
+    env = json.loads((out / "env.json").read_text())
+    assert "mnist1d" in env["packages"] and "heavyball" in env["packages"]
+    # Every evaluation is in metrics.jsonl with the training clock, so curves can be redrawn.
+    evals = [r for r in read_metrics(out) if r.get("event") == "eval"]
+    assert {r["optimizer"] for r in evals} == {"adamw", "muon"}
+    assert all("train_seconds" in r and "test_acc" in r for r in evals)
+
+
+def test_charlm_quick_in_bfloat16_autocast_keeps_float32_state(tmp_path):
+    summary = _bench(tmp_path, "lm", "--task", "charlm", "--precision", "bf16",
+                     "--optimizers", "muon", "--seeds", "1")
+    res = summary["results"]
+    assert res["autocast"] == "bfloat16"
+    assert res["versions"]["corpus_sha256"] == res["problem"]["corpus_sha256"]
+    env = json.loads((tmp_path / "lm" / "env.json").read_text())
+    assert env["corpus_sha256"] == res["versions"]["corpus_sha256"]
+    # fp32 Adam state: 8 bytes per parameter (+ step counters).
+    assert 8.0 <= res["optimizers"]["adamw"]["state_bytes_per_param"] < 8.1
+    for row in res["optimizers"].values():
+        assert row["finite"] and math.isfinite(row["final_loss"]["median"])
+
+
+def test_bf16_autocast_run_one_shapes_and_dtypes(tmp_path):
+    config = Config(task="charlm", ci=True, seeds=1, warmup_steps=1, precision="bf16",
+                    budget_steps=3, eval_every=3)
+    problem = config.workload.build(0, 3, 2, True, torch.device("cpu"))
+    model = problem.model()
+    x = torch.zeros(2, 8, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.shape == (2, 8, 256) and logits.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    record = run_one(config, problem, "adamw", 0, 1.0, metrics)
+    metrics.close()
+    assert record["finite"] and record["steps_done"] == 3
+
+
+def test_warmup_then_restore_reproduces_the_unwarmed_run(tmp_path):
+    """The untimed warm-up must leave no trace: same weights, fresh state, same RNG."""
+    finals = []
+    for warmup in (0, 4):
+        config = Config(task="digits-mlp", ci=True, seeds=1, warmup_steps=warmup,
+                        budget_steps=12, eval_every=6)
+        problem = config.workload.build(0, 12, 16, True, torch.device("cpu"))
+        metrics = MetricsWriter(tmp_path / f"w{warmup}.jsonl")
+        finals.append([run_one(config, problem, name, 0, 1.0, metrics)["final"]
+                       for name in ("adamw", "muon")])
+        metrics.close()
+    assert finals[0] == finals[1]
+
+
+def test_budget_minutes_stops_a_run_and_still_ends_on_an_evaluation(tmp_path):
+    config = Config(task="mnist1d-mlp", ci=True, seeds=1, warmup_steps=0,
+                    budget_steps=100_000, eval_every=1000, budget_minutes=0.2 / 60)
+    problem = config.workload.build(0, config.budget, config.batch, True, torch.device("cpu"))
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    record = run_one(config, problem, "adamw", 0, 1.0, metrics)
+    metrics.close()
+    assert record["stopped_by_clock"] and 0 < record["steps_done"] < 100_000
+    assert record["train_seconds"] >= 0.2
+    assert record["curve"][-1][0] == record["steps_done"]
+    last = [r for r in read_metrics(tmp_path) if r.get("event") == "eval"][-1]
+    assert last["step"] == record["steps_done"] and "test_acc" in last
+
+
+def test_lr_sweep_tries_every_factor_and_keeps_one(tmp_path):
+    summary = _bench(tmp_path, "sweep", "--task", "kron-quadratic", "--optimizers", "adamw",
+                     "--seeds", "1", "--lr-sweep", "--sweep-factors", "0.5,1,2")
+    res = summary["results"]
+    assert set(res["sweep"]["adamw"]) == {"0.5", "1", "2"}
+    assert res["lr_factors"]["adamw"] in (0.5, 1.0, 2.0)
+
+
+def test_task_given_twice_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "train", "digits-mlp", "--task", "charlm", *QUICK,
+              "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "task given twice" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_time_to_target_and_misses():
+    curve = [(0, 0.0, 0.1, 2.0), (10, 1.0, 0.5, 1.0), (20, 2.5, 0.8, 0.5)]
+    hit = time_to_target(curve, 0.75, True, 0, budget=20, samples_per_step=4)
+    assert hit == {"steps": 20, "samples": 80, "seconds": 2.5, "reached": True}
+    assert time_to_target(curve, 1.0, False, 1, 20, 4)["steps"] == 10
+    miss = time_to_target(curve, 0.9, True, 0, 20, 4)
+    assert miss["steps"] == 21 and miss["seconds"] is None and not miss["reached"]
+
+
+def test_clears_spread_is_paired_and_strict():
+    assert clears_spread([100, 110, 120], [50, 60, 70])
+    assert not clears_spread([100, 110, 120], [50, 130, 70])  # slower in one seed
+    assert not clears_spread([100], [10])  # one seed: no spread to clear
+    assert clears_spread([math.inf, 100], [40, 50])  # AdamW missed where the other hit
+    assert not clears_spread([100, 100], [math.inf, 50])
+    # A mean gain that does not clear 3.09 standard errors: d = (1, 30, 1).
+    assert not clears_spread([101, 130, 101], [100, 100, 100])
+
+
+def test_schedule_family():
+    s = make_schedule("cosine", 100, 0.05)
+    assert s(0) == pytest.approx(0.1) and s(5) == pytest.approx(1.0)
+    assert s(100) == pytest.approx(0.1)
+    assert make_schedule("constant", 100, 0.0)(50) == 1.0
+    assert make_schedule("wsd", 100, 0.1)(99) < 0.3
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"task": "mnist"}, "unknown task"),
+        ({"steps": 50}, "budget-steps"),
+        ({"optimizers": ("auto", "muon")}, "auto"),
+        ({"optimizers": ("nope",)}, "unknown optimizer"),
+        ({"task": "charlm", "optimizers": ("natural_gradient",)}, "natural_gradient"),
+        ({"optimizers": ("kfac",), "compile": True}, "compile"),
+        ({"target": "fast"}, "target"),
+        ({"schedule": "linear"}, "schedule"),
+    ],
+)
+def test_config_rejects(changes, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**changes)
+
+
+def test_every_workload_has_a_ci_variant_and_a_target():
+    for w in WORKLOADS.values():
+        assert w.ci.get("steps", w.steps) <= 200, w.name
+        assert (w.target_value is None) != (w.baseline_fraction is None), w.name
+        for ranking in w.rankings:
+            assert ranking.op in ("<", "<=") and len(ranking.tiers) >= 2
+
+
+# ---- peers -------------------------------------------------------------------------------------
+
+
+def test_missing_peer_is_skipped_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "heavyball", None)  # as if not installed
+    assert "not installed" in peer_lib.availability("heavyball-soap")
+    summary = _bench(tmp_path, "nopeer", "--task", "kron-quadratic",
+                     "--optimizers", "heavyball-soap", "--seeds", "1")
+    res = summary["results"]
+    assert list(res["optimizers"]) == ["adamw"]
+    assert "not installed" in res["skipped"]["heavyball-soap"]
+    assert "skipped `heavyball-soap`" in (tmp_path / "nopeer" / "report.md").read_text()
+
+
+def test_a_failing_peer_is_noted_and_the_benchmark_goes_on(tmp_path, monkeypatch):
+    def broken(hidden):
+        raise RuntimeError("this library's step is broken")
+
+    fake = peer_lib.Peer("fake-peer", "torch", "torch.optim.SGD", "adamw", broken)
+    monkeypatch.setitem(peer_lib.PEERS, "fake-peer", fake)
+    summary = _bench(tmp_path, "broken", "--task", "kron-quadratic",
+                     "--optimizers", "fake-peer", "--seeds", "1")
+    res = summary["results"]
+    assert list(res["optimizers"]) == ["adamw"]
+    assert res["skipped"]["fake-peer"].startswith("failed: RuntimeError")
+
+
+def test_chain_shares_param_groups_with_its_parts():
+    a, b = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))
+    chain = peer_lib.Chain([torch.optim.SGD([a], lr=0.1), torch.optim.SGD([b], lr=0.2)])
+    assert chain.param_groups[0] is chain.parts[0].param_groups[0]
+    sched = torch.optim.lr_scheduler.LambdaLR(chain, lambda t: 0.5)
+    assert [g["lr"] for g in chain.parts[0].param_groups] == [0.05]
+    a.grad, b.grad = torch.ones(3, 3), torch.ones(3)
+    chain.step()
+    sched.step()
+    assert torch.allclose(a, torch.full((3, 3), 0.95)) and torch.allclose(b, torch.full((3,), 0.9))
+    with pytest.raises(ValueError, match="two parts"):
+        peer_lib.Chain([torch.optim.SGD([a]), torch.optim.SGD([a])])
+
+
+def _peer_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                               torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("name", [n for n in peer_lib.PEERS if n.startswith("heavyball")])
+def test_heavyball_peers_step(name):
+    pytest.importorskip("heavyball")
+    _step_peer(name)
+
+
+@pytest.mark.parametrize("name", [n for n in peer_lib.PEERS if n.startswith("pto")])
+def test_pytorch_optimizer_peers_step(name):
+    pytest.importorskip("pytorch_optimizer")
+    _step_peer(name)
+
+
+def test_torch_muon_peer_steps():
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("this torch has no torch.optim.Muon")
+    _step_peer("torch-muon")
+
+
+def _step_peer(name: str) -> None:
+    model = _peer_model()
+    with peer_lib.heavyball_compile(False):
+        built = peer_lib.create(name, model)
+        # The hidden matrices (8x16 and 16x16; not the head) go to the peer; AdamW gets the
+        # biases and the head with our counterpart's settings.
+        assert built.peer_params == 8 * 16 + 16 * 16
+        assert built.adamw_params == sum(p.numel() for p in model.parameters()) - 384
+        before = [p.detach().clone() for p in model.parameters()]
+        x = torch.randn(32, 8)
+        for _ in range(3):
+            loss = model(x).square().mean()
+            built.optimizer.zero_grad()
+            loss.backward()
+            built.optimizer.step()
+    moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
+    assert all(moved)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,206 @@
+"""Benchmark tasks: each builds, trains a few steps on the CPU and evaluates; data is local."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import guided_descent as gd
+from guided_descent.routing import route
+from guided_descent.tasks import charlm, digits, kron_quadratic, mnist1d
+from guided_descent.tasks.gpt import GPTConfig
+
+
+def _train(model: torch.nn.Module, loss_of_batch, steps: int = 5, name: str = "adamw"
+           ) -> list[float]:
+    opt = gd.create(name, model)
+    losses = []
+    for step in range(steps):
+        loss = loss_of_batch(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+# ---- digits ------------------------------------------------------------------------------------
+
+
+def test_digits_split_is_fixed_stratified_and_scaled():
+    a, b = digits.load(), digits.load()
+    assert a.x_train.shape == (1438, 64) and a.x_test.shape == (359, 64)
+    assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
+    assert 0.0 <= float(a.x_train.min()) and float(a.x_train.max()) <= 1.0
+    counts = torch.bincount(a.y_test, minlength=10)
+    assert int(counts.min()) >= 35 and int(counts.max()) <= 37  # 20 % of every class
+
+
+@pytest.mark.parametrize("make", [digits.make_mlp, digits.make_cnn])
+def test_digits_classifiers_train_and_evaluate(make):
+    torch.manual_seed(0)
+    data = digits.load()
+    model = make()
+    x, y = data.x_train[:128], data.y_train[:128]
+    losses = _train(model, lambda _: digits.classification_loss(model(x), y), steps=15)
+    assert losses[-1] < losses[0]
+    loss, acc = digits.classification_scores(model, data.x_test, data.y_test)
+    assert np.isfinite(loss) and 0.0 <= acc <= 1.0
+
+
+def test_digits_autoencoder_shape_and_training():
+    torch.manual_seed(0)
+    data = digits.load()
+    model = digits.make_autoencoder()
+    widths = [m.out_features for m in model if isinstance(m, torch.nn.Linear)]
+    assert [64, *widths] == list(digits.AUTOENCODER_WIDTHS)
+    x = data.x_train[:256]
+    losses = _train(model, lambda _: digits.reconstruction_loss(model(x), x), steps=20)
+    assert losses[-1] < losses[0]
+    assert digits.reconstruction_mse(model, data.x_test) > 0
+
+
+# ---- MNIST-1D ----------------------------------------------------------------------------------
+
+
+def test_mnist1d_generated_locally_without_touching_global_rngs(monkeypatch):
+    pytest.importorskip("mnist1d")
+    import mnist1d.data as package_data  # "as": the name mnist1d stays our task module
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("get_dataset downloads; the task must call make_dataset")
+
+    monkeypatch.setattr(package_data, "get_dataset", no_download)
+    np.random.seed(123)
+    random.seed(123)
+    np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
+    mnist1d._generate.cache_clear()
+    data = mnist1d.load(num_samples=200)
+    assert np.array_equal(np.random.get_state()[1], np_before)
+    assert random.getstate() == py_before
+    assert data.x_train.shape == (160, 40) and data.x_test.shape == (40, 40)
+    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
+    again = mnist1d.load(num_samples=200)  # cached, and copies: the cache cannot be mutated
+    again.x_train.zero_()
+    assert torch.equal(mnist1d.load(num_samples=200).x_train, data.x_train)
+    assert len(data.sha256) == 64
+
+
+@pytest.mark.parametrize("make", [mnist1d.make_mlp, mnist1d.make_cnn])
+def test_mnist1d_models_train_and_evaluate(make):
+    pytest.importorskip("mnist1d")
+    torch.manual_seed(0)
+    data = mnist1d.load(num_samples=400)
+    model = make()
+    assert model(data.x_test).shape == (80, 10)
+    x, y = data.x_train[:100], data.y_train[:100]
+    losses = _train(model, lambda _: mnist1d.loss_fn(model(x), y), steps=15)
+    assert losses[-1] < losses[0]
+    loss, acc = mnist1d.scores(model, data.x_test, data.y_test)
+    assert np.isfinite(loss) and 0.0 <= acc <= 1.0
+
+
+def test_mnist1d_cnn_is_the_papers_layout():
+    model = mnist1d.make_cnn()
+    assert sum(p.numel() for p in model.parameters()) == 5210
+    convs = [m for m in model if isinstance(m, torch.nn.Conv1d)]
+    assert [(c.kernel_size[0], c.stride[0]) for c in convs] == [(5, 2), (3, 2), (3, 2)]
+
+
+# ---- kron-quadratic ----------------------------------------------------------------------------
+
+
+def test_kron_problem_conditioning_and_exact_excess_risk():
+    problem = kron_quadratic.make_problem(dim=16, kappa=100.0, noise=0.0, seed=3)
+    s = torch.linalg.svdvals(problem.a.double())
+    assert float(s.max() / s.min()) == pytest.approx(100.0, rel=1e-3)
+    model = kron_quadratic.make_model(problem)
+    # Only X trains; routing treats it as a hidden matrix (the frozen A layer is the "head").
+    assert [p.shape for p in model.parameters() if p.requires_grad] == [(16, 16)]
+    table = route(model, "muon")
+    assert [r.algorithm for r in table.routes] == ["muon"]
+    with torch.no_grad():
+        kron_quadratic.trainable_matrix(model).normal_()
+    # Noise-free, the loss over many probes estimates the closed-form excess risk.
+    v, y = kron_quadratic.sample_batch(problem, 20000, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sampled = float(kron_quadratic.loss_fn(model(v), y))
+    assert sampled == pytest.approx(kron_quadratic.excess_risk(model, problem), rel=0.05)
+
+
+def test_kron_trains_with_a_matrix_method():
+    problem = kron_quadratic.make_problem(dim=16, kappa=10.0, seed=0)
+    model = kron_quadratic.make_model(problem)
+    g = torch.Generator().manual_seed(1)
+
+    def loss_of_batch(_: int) -> torch.Tensor:
+        v, y = kron_quadratic.sample_batch(problem, 32, g)
+        return kron_quadratic.loss_fn(model(v), y)
+
+    _train(model, loss_of_batch, steps=30, name="muon")
+    assert kron_quadratic.excess_risk(model, problem) < kron_quadratic.initial_excess_risk(
+        problem
+    )
+
+
+# ---- charlm ------------------------------------------------------------------------------------
+
+
+def test_charlm_corpus_is_the_frozen_snapshot():
+    packed = charlm.corpus_path().read_bytes()
+    assert hashlib.sha256(packed).hexdigest() == charlm.CORPUS_SHA256
+    data = charlm.load_corpus()
+    assert len(data) == charlm.CORPUS_BYTES
+    assert data.startswith(b"# ==== __future__.py ====\n")
+    licence = charlm.corpus_path().parent / charlm.LICENCE
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE" in licence.read_text()
+
+
+def test_charlm_refuses_a_corpus_with_another_hash(monkeypatch, tmp_path):
+    fake = tmp_path / charlm.CORPUS
+    fake.write_bytes(b"not the corpus")
+    monkeypatch.setattr(charlm, "corpus_path", lambda: fake)
+    charlm.load_corpus.cache_clear()
+    try:
+        with pytest.raises(charlm.CorpusError, match="sha256"):
+            charlm.load_corpus()
+    finally:
+        charlm.load_corpus.cache_clear()
+
+
+def test_charlm_split_is_interleaved_blocks():
+    corpus = charlm.split(charlm.load_corpus())
+    assert corpus.val.numel() == 7 * charlm.BLOCK == 458_752
+    assert corpus.train.numel() + corpus.val.numel() == charlm.CORPUS_BYTES
+    raw = charlm.load_corpus()
+    start = (charlm.VAL_EVERY - 1) * charlm.BLOCK  # the first validation block
+    assert bytes(corpus.val[:64].tolist()) == raw[start : start + 64]
+
+
+def test_charlm_batches_windows_and_tiny_model_train():
+    torch.manual_seed(0)
+    corpus = charlm.load()
+    layout = charlm.SIZES["cpu"]
+    assert charlm.make_model(layout).num_parameters() == 445_952
+    tiny = GPTConfig(vocab_size=256, context=16, n_layer=1, n_head=2, d_model=32)
+    model = charlm.make_model(tiny)
+    g = torch.Generator().manual_seed(0)
+    offsets = charlm.batch_offsets(corpus.train.numel(), tiny.context, 4, 10, g)
+    assert offsets.shape == (10, 4)
+    x, y = charlm.windows(corpus.train, offsets[0], tiny.context)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one byte
+    losses = _train(
+        model,
+        lambda s: charlm.loss_fn(model(charlm.windows(corpus.train, offsets[s], 16)[0]),
+                                 charlm.windows(corpus.train, offsets[s], 16)[1]),
+        steps=10,
+    )
+    assert losses[0] == pytest.approx(np.log(256), rel=0.05)  # uniform over bytes at init
+    assert losses[-1] < losses[0]
+    vx, vy = charlm.windows(corpus.val, charlm.val_offsets(corpus.val.numel(), 16, 8), 16)
+    assert np.isfinite(charlm.evaluate(model, vx, vy, batch=3))
