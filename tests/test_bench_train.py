@@ -14,8 +14,10 @@ from guided_descent.experiments import peers as peer_lib
 from guided_descent.experiments.bench_train import (
     WORKLOADS,
     Config,
+    _stats,
     clears_spread,
     make_schedule,
+    peer_claims,
     run_one,
     time_to_target,
 )
@@ -50,6 +52,8 @@ def test_quick_run_writes_table_figures_and_claims(tmp_path, capsys):
     assert "| optimizer | final test_acc | steps to target |" in report
     env = json.loads((out / "env.json").read_text())
     assert "mnist1d" in env["packages"] and "heavyball" in env["packages"]
+    assert env["command"].startswith("guided-descent bench train digits-mlp --quick")
+    assert f"Command: `{env['command']}`" in report
     # Every evaluation is in metrics.jsonl with the training clock, so curves can be redrawn.
     evals = [r for r in read_metrics(out) if r.get("event") == "eval"]
     assert {r["optimizer"] for r in evals} == {"adamw", "muon"}
@@ -267,3 +271,25 @@ def _step_peer(name: str) -> None:
     moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
     assert all(moved)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_peer_claims_compare_like_with_like():
+    def row(step_ms, losses):
+        return {"opt_step_ms": {"median": step_ms}, "final_loss": _stats(losses)}
+
+    table = {
+        "adamw": row(1.0, [1.0, 1.0, 1.0]),
+        "muon": row(2.0, [0.50, 0.52, 0.55]),
+        "pto-muon": row(4.0, [0.49, 0.51, 0.51]),  # slower; ours (0.52) within its range? no
+        "torch-muon": row(1.0, [0.7, math.nan, 0.8]),  # faster; diverged in one seed
+        "pto-psgd": row(0.5, [0.1, 0.1, 0.1]),  # another algorithm: no claim
+    }
+    got = {c.name: (c.value, c.passed) for c in peer_claims(Config(), table)}
+    assert set(got) == {"peer-speed: muon vs pto-muon", "peer-quality: muon vs pto-muon",
+                        "peer-speed: muon vs torch-muon", "peer-quality: muon vs torch-muon"}
+    assert got["peer-speed: muon vs pto-muon"] == (0.5, True)
+    assert got["peer-quality: muon vs pto-muon"][1] is False  # 0.52 > their worst 0.51
+    assert got["peer-speed: muon vs torch-muon"] == (2.0, False)
+    assert got["peer-quality: muon vs torch-muon"] == (0.0, True)
+    # Our counterpart not run: nothing to compare.
+    assert peer_claims(Config(), {"adamw": table["adamw"], "pto-muon": table["pto-muon"]}) == []

@@ -7,6 +7,7 @@
     guided-descent bench step [--device D] [--optimizers a,b] [--out DIR] [--quick] [--nproc N]
     guided-descent bench train TASK [--optimizers a,b] [--peers] [--seeds N] [--budget-steps N]
                                [--budget-minutes M] [--lr-sweep] [--device D] [--quick] [--out DIR]
+                               [--nproc N]
     guided-descent report RUN_DIR
 
 ``--nproc N`` relaunches the command on N processes through ``torchrun`` (experiments that split
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,7 +32,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from guided_descent.cli.args import add_config_arguments
-from guided_descent.experiments.records import RunDirError
+from guided_descent.experiments.records import RunDirError, record_command
+
+# Set for the ranks of a --nproc launch: the command line the user typed.
+LAUNCH_COMMAND = "GUIDED_DESCENT_COMMAND"
 
 PROG = "guided-descent"
 _EXTRA_MODULES = {"numpy", "matplotlib", "sklearn", "tqdm"}
@@ -299,6 +304,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     info = BENCHMARKS[args.benchmark]
     _check_processes(args, [info.name], f"bench {args.benchmark}")
     config = _config(info.name, args)
+    check = getattr(config, "check_world_size", None)
+    if check is not None:
+        try:
+            check(max(getattr(args, "nproc", 1), int(os.environ.get("WORLD_SIZE", "1"))))
+        except ValueError as e:
+            raise UsageError(f"{info.name}: {e}") from None
     if getattr(args, "nproc", 1) > 1:
         return _launch(args, default_run_dir(info.name))
     if _launched_rank() > 0:
@@ -332,7 +343,7 @@ def _check_processes(args: argparse.Namespace, names: list[str], what: str) -> N
     if single or not names:
         raise UsageError(
             f"{what} runs in one process; {nproc if nproc > 1 else launched} processes would "
-            "run identical copies. Several processes: bench step --nproc N"
+            "run identical copies. Several processes: bench step or bench train --nproc N"
         )
 
 
@@ -353,7 +364,8 @@ def _launch(args: argparse.Namespace, default_out: Path) -> int:
         *argv,
     ]
     print(f"launching {args.nproc} processes: {' '.join(command[1:])}", file=sys.stderr)
-    return subprocess.call(command)
+    env = {**os.environ, LAUNCH_COMMAND: shlex.join(args.command_line)}
+    return subprocess.call(command, env=env)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -402,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _missing_extra(e)
     args = parser.parse_args(argv)
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # for a torchrun relaunch
+    # What env.json records: the user's command, also in the ranks a --nproc launch starts.
+    launched_by = os.environ.get(LAUNCH_COMMAND)
+    record_command(shlex.split(launched_by) if launched_by else args.command_line)
     commands = {"list": _cmd_list, "run": _cmd_run, "bench": _cmd_bench, "report": _cmd_report}
     if getattr(args, "threads", None):
         import torch

@@ -40,6 +40,12 @@ Targets: the task's protocol target (BENCHMARKS.md: a fixed accuracy or loss, or
 run's own AdamW when they depend on it. ``--target`` picks which one the ranking claims use, or
 sets a number.
 
+Several processes (``--nproc N``, through ``torchrun``): data-parallel training with
+``DistributedDataParallel`` (gloo on CPU, nccl on GPUs). Every minibatch is drawn as on one
+process and each rank computes on its 1/N share, so the averaged gradient -- and the run -- is
+the one-process run up to summation order; Muon, Shampoo, SOAP and K-FAC split their matrix work
+over the ranks. Times are rank 0's; the logged minibatch loss is rank 0's share's.
+
 GPU path: ``--device cuda`` runs the model under bfloat16 autocast (``--precision``) while
 parameters and optimizer state stay float32; ``--compile`` compiles the model with
 ``torch.compile`` (and lets heavyball compile its steps).
@@ -80,6 +86,8 @@ from guided_descent.optimizers.registry import unknown_name
 from guided_descent.schedules import WSD, Constant, Cosine, LinearWarmup, Schedule, join
 from guided_descent.tasks.gpt import GPTConfig
 
+# Runs under torchrun (`--nproc N`): data-parallel training, see the module docstring.
+MULTI_PROCESS = True
 BASELINE = "adamw"
 AUTO = "auto"
 # Significance of a speed-up over AdamW (BENCHMARKS.md, "Measuring fairly" 4): the mean paired
@@ -143,7 +151,7 @@ class Workload:
     batch_size: int
     eval_every: int
     optimizers: tuple[str, ...]
-    build: Callable[[int, int, int, bool, torch.device], Problem]
+    build: Callable[..., Problem]  # (seed, steps, batch, ci, device, shard) -> Problem
     target_value: float | None = None
     baseline_fraction: float | None = None
     target_text: str = ""
@@ -172,20 +180,41 @@ def _seeded(build: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module
     return make
 
 
-def _epoch_batches(n: int, batch: int, steps: int, seed: int, device: torch.device) -> Tensor:
+def _epoch_batches(n: int, batch: int, steps: int, seed: int, device: torch.device,
+                   shard: Shard) -> Tensor:
+    """Every step's minibatch indices (drawn for the whole batch from the seed), this rank's
+    share of each: ``[steps, batch / world]``."""
     from guided_descent.tasks.moons import batch_indices
 
     g = torch.Generator().manual_seed(_stream_seed(seed, "batches"))
-    return batch_indices(n, batch, steps, g).to(device)
+    return _share(batch_indices(n, batch, steps, g), shard, dim=1).to(device)
+
+
+# (rank, world size): which share of every minibatch this process computes on. The whole batch
+# is drawn as on one process and split by rank, so that with DistributedDataParallel averaging
+# the shares' gradients the step equals the one-process step (up to summation order).
+Shard = tuple[int, int]
+ONE_PROCESS: Shard = (0, 1)
+
+
+def _share(x: Tensor, shard: Shard, dim: int = 0) -> Tensor:
+    rank, world = shard
+    if world == 1:
+        return x
+    n = x.shape[dim]
+    if n % world:
+        raise ValueError(f"a batch of {n} does not split evenly over {world} processes")
+    return x.narrow(dim, rank * (n // world), n // world)
 
 
 def _classification(
     data: Any, make: Callable[[], nn.Module], seed: int, steps: int, batch: int,
     device: torch.device, loss: Callable[[Tensor, Tensor], Tensor],
     scores: Callable[[nn.Module, Tensor, Tensor], tuple[float, float]], info: dict[str, Any],
+    shard: Shard,
 ) -> Problem:
     data = data.to(device)
-    order = _epoch_batches(data.x_train.shape[0], batch, steps, seed, device)
+    order = _epoch_batches(data.x_train.shape[0], batch, steps, seed, device, shard)
 
     def batch_loss(model: nn.Module, step: int) -> Tensor:
         idx = order[step - 1]
@@ -201,14 +230,15 @@ def _classification(
 
 
 def _build_digits(kind: str) -> Callable[..., Problem]:
-    def build(seed: int, steps: int, batch: int, ci: bool, device: torch.device) -> Problem:
+    def build(seed: int, steps: int, batch: int, ci: bool, device: torch.device,
+              shard: Shard = ONE_PROCESS) -> Problem:
         from guided_descent.tasks import digits
 
         data = digits.load()
         if kind == "autoencoder":
             widths = (64, 32, 16, 32, 64) if ci else digits.AUTOENCODER_WIDTHS
             data = data.to(device)
-            order = _epoch_batches(data.x_train.shape[0], batch, steps, seed, device)
+            order = _epoch_batches(data.x_train.shape[0], batch, steps, seed, device, shard)
 
             def batch_loss(model: nn.Module, step: int) -> Tensor:
                 x = data.x_train[order[step - 1]]
@@ -228,13 +258,15 @@ def _build_digits(kind: str) -> Callable[..., Problem]:
             channels = (4, 8, 8) if ci else (16, 32, 32)
             make = lambda: digits.make_cnn(channels)  # noqa: E731
         return _classification(data, make, seed, steps, batch, device,
-                               digits.classification_loss, digits.classification_scores, {})
+                               digits.classification_loss, digits.classification_scores, {},
+                               shard)
 
     return build
 
 
 def _build_mnist1d(kind: str) -> Callable[..., Problem]:
-    def build(seed: int, steps: int, batch: int, ci: bool, device: torch.device) -> Problem:
+    def build(seed: int, steps: int, batch: int, ci: bool, device: torch.device,
+              shard: Shard = ONE_PROCESS) -> Problem:
         from guided_descent.tasks import mnist1d
 
         # The CI variant generates 1000 sequences instead of 5000 (0.2 s instead of 1 s).
@@ -246,7 +278,7 @@ def _build_mnist1d(kind: str) -> Callable[..., Problem]:
             channels = 8 if ci else 25
             make = lambda: mnist1d.make_cnn(channels)  # noqa: E731
         return _classification(data, make, seed, steps, batch, device, mnist1d.loss_fn,
-                               mnist1d.scores, {"data_sha256": data.sha256})
+                               mnist1d.scores, {"data_sha256": data.sha256}, shard)
 
     return build
 
@@ -258,7 +290,8 @@ KRON_KAPPA = 1e3
 KRON_NOISE = 1e-3
 
 
-def _build_kron(seed: int, steps: int, batch: int, ci: bool, device: torch.device) -> Problem:
+def _build_kron(seed: int, steps: int, batch: int, ci: bool, device: torch.device,
+                shard: Shard = ONE_PROCESS) -> Problem:
     from guided_descent.tasks import kron_quadratic as kq
 
     dim = 16 if ci else 64
@@ -272,6 +305,7 @@ def _build_kron(seed: int, steps: int, batch: int, ci: bool, device: torch.devic
         # A generator per step: the batch depends on (seed, step) only, whatever ran before.
         g = torch.Generator().manual_seed(base + step)
         v, y = kq.sample_batch(problem, batch, g)
+        v, y = _share(v, shard), _share(y, shard)
         return kq.loss_fn(model(v.to(device)), y.to(device))
 
     def evaluate(model: nn.Module) -> dict[str, float]:
@@ -287,14 +321,16 @@ CHARLM_CI = GPTConfig(vocab_size=256, context=32, n_layer=1, n_head=2, d_model=3
 
 
 def _build_charlm(size: str, val_windows: int) -> Callable[..., Problem]:
-    def build(seed: int, steps: int, batch: int, ci: bool, device: torch.device) -> Problem:
+    def build(seed: int, steps: int, batch: int, ci: bool, device: torch.device,
+              shard: Shard = ONE_PROCESS) -> Problem:
         from guided_descent.tasks import charlm
 
         layout = CHARLM_CI if ci else charlm.SIZES[size]
         corpus = charlm.load().to(device)
         context = layout.context
         g = torch.Generator().manual_seed(_stream_seed(seed, "batches"))
-        offsets = charlm.batch_offsets(corpus.train.numel(), context, batch, steps, g).to(device)
+        offsets = charlm.batch_offsets(corpus.train.numel(), context, batch, steps, g)
+        offsets = _share(offsets, shard, dim=1).to(device)
         n_val = 16 if ci else val_windows
         val_x, val_y = charlm.windows(
             corpus.val, charlm.val_offsets(corpus.val.numel(), context, n_val).to(device), context
@@ -565,6 +601,17 @@ class Config(ExperimentConfig):
         """The task's CI-sized variant, 2 seeds, 3 warm-up steps: seconds on 2 cores."""
         return cls(ci=True, seeds=2, warmup_steps=3)
 
+    def check_world_size(self, world: int) -> None:
+        """Refuse what cannot run data-parallel on ``world`` processes (before any launch)."""
+        if world == 1:
+            return
+        if self.batch % world:
+            raise ValueError(f"batch_size {self.batch} does not split evenly over {world} "
+                             "processes: pick a multiple of --nproc")
+        if "natural_gradient" in self.names():
+            raise ValueError("natural_gradient does not run under DistributedDataParallel "
+                             "(docs/distributed.md); leave it out with --nproc > 1")
+
     # Resolved settings ------------------------------------------------------------------------
 
     @property
@@ -673,9 +720,14 @@ class BuiltOptimizer:
 
 
 def build_optimizer(name: str, model: nn.Module, config: Config) -> BuiltOptimizer:
-    """Registry optimizers at their defaults with the guard off; peers through their adapters."""
+    """Registry optimizers at their defaults with the guard off; peers through their adapters.
+
+    ``model`` may be a ``DistributedDataParallel`` module: ours then split their matrix work
+    over the ranks; a peer gets the module inside (DDP still averages its gradients).
+    """
     if peer_lib.is_peer(name):
-        built = peer_lib.create(name, model)
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        built = peer_lib.create(name, inner)
         return BuiltOptimizer(built.optimizer, "peer", built.note)
     extra: dict[str, Any] = {}
     if name == "natural_gradient":
@@ -700,17 +752,50 @@ def _params_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _spent(seconds: float, world: int, device: torch.device) -> float:
+    """The training time that counts against ``--budget-minutes``: the slowest rank's, so that
+    every rank stops after the same step."""
+    if world == 1:
+        return seconds
+    import torch.distributed as dist
+
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def run_one(
     config: Config, problem: Problem, name: str, seed: int, lr_factor: float,
     metrics: MetricsWriter, on_step: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Warm up, restore, then train ``name`` on ``problem`` with the clock running."""
-    device = torch.device(config.device)
+    """Warm up, restore, then train ``name`` on ``problem`` with the clock running.
+
+    Under an initialized process group of several ranks (``--nproc``) the model is wrapped in
+    ``DistributedDataParallel``: ``problem`` then holds this rank's share of every batch.
+    """
+    device = torch.device(config.device) if device is None else device
     budget = config.budget
     global_seed = _stream_seed(seed, "global")
+    world = _world_size()
     model = problem.model().to(device)
     initial = copy.deepcopy(model.state_dict())
-    forward: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
+    trained: nn.Module = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    forward: nn.Module = torch.compile(trained) if config.compile else trained  # type: ignore[assignment]
+    # Evaluation runs on the plain module (each rank evaluates the same weights).
+    if trained is model:
+        scorer = forward
+    else:
+        scorer = torch.compile(model) if config.compile else model  # type: ignore[assignment]
 
     def step_loss(step: int) -> Tensor:
         with _autocast(config):
@@ -718,7 +803,7 @@ def run_one(
 
     # Warm-up: compile, first preconditioner refresh, lazy state and allocator, all untimed.
     torch.manual_seed(global_seed)
-    warm = build_optimizer(name, model, config)
+    warm = build_optimizer(name, trained, config)
     for step in range(1, min(config.warmup_steps, budget) + 1):
         loss = step_loss(step)
         warm.optimizer.zero_grad(set_to_none=True)
@@ -735,7 +820,7 @@ def run_one(
     torch.manual_seed(global_seed)
     # The EMA copies the model before the optimizer can attach hooks to it (K-FAC).
     ema = EMA(model, decay=config.ema_decay) if config.ema_decay > 0 else None
-    built = build_optimizer(name, model, config)
+    built = build_optimizer(name, trained, config)
     opt = built.optimizer
     for group in opt.param_groups:
         group["lr"] *= lr_factor  # before the scheduler records the initial rates
@@ -751,7 +836,7 @@ def run_one(
         model.eval()
         try:
             with _autocast(config):
-                scores = problem.evaluate(forward)
+                scores = problem.evaluate(scorer)
         finally:
             model.train()
         history.append((done, clock.total, dict(scores)))
@@ -767,7 +852,7 @@ def run_one(
         done = step
         if on_step is not None:
             on_step(step)
-        if clock.total >= deadline and step < budget:
+        if deadline < math.inf and step < budget and _spent(clock.total, world, device) >= deadline:
             raise _OutOfTime
 
     tags = {"optimizer": name, "seed": seed, "lr_factor": lr_factor}
@@ -779,7 +864,8 @@ def run_one(
             schedule=make_schedule(config.schedule, budget, config.lr_warmup),
             ema=ema, clip_grad_norm=config.clip_norm, evaluate=evaluate,
             eval_every=config.cadence, metrics=metrics, tags=tags, on_step=after_step,
-            stop_on_nonfinite=True,
+            # Each rank logs the loss of its own share: the ranks could disagree on stopping.
+            stop_on_nonfinite=world == 1,
         )
         diverged = result.diverged
     except _OutOfTime:
@@ -828,8 +914,9 @@ def _stats(values: list[float]) -> dict[str, Any]:
     arr = [math.inf if v is None else float(v) for v in values]
     if not arr:
         return {"median": None, "min": None, "max": None, "per_seed": []}
-    return {"median": float(np.median(arr)) if not any(math.isnan(a) for a in arr) else math.nan,
-            "min": min(arr), "max": max(arr), "per_seed": arr}
+    if any(math.isnan(a) for a in arr):  # a diverged seed: no order statistic is meaningful
+        return {"median": math.nan, "min": math.nan, "max": math.nan, "per_seed": arr}
+    return {"median": float(np.median(arr)), "min": min(arr), "max": max(arr), "per_seed": arr}
 
 
 def meets(value: float | None, target: float, maximize: bool) -> bool:
@@ -1010,7 +1097,42 @@ def claims(config: Config, results: dict[str, Any]) -> list[Claim]:
                          reached / runs_total if runs_total else None, "==", 1.0))
     rc, notes = ranking_claims(config, table)
     results["ranking_notes"] = notes
-    return out + rc
+    return out + rc + peer_claims(config, table)
+
+
+def peer_claims(config: Config, table: dict[str, dict[str, Any]]) -> list[Claim]:
+    """Our implementation against each other library's implementation of the same algorithm
+    that ran: a faster optimizer step (median over seeds), and a final validation loss no worse
+    than the peer's worst seed. Each side runs at its own library's defaults (or, with
+    ``--lr-sweep``, at the best of the same multipliers of them)."""
+    loss = config.workload.loss_metric
+    out = []
+    for name, row in table.items():
+        peer = peer_lib.PEERS.get(name)
+        if peer is None or not peer.same_algorithm or peer.counterpart not in table:
+            continue
+        ours = table[peer.counterpart]
+        out.append(Claim(
+            f"peer-speed: {peer.counterpart} vs {name}",
+            f"our {peer.counterpart} takes less time per optimizer step than {peer.qualname} "
+            "(value: ratio of the medians)",
+            ours["opt_step_ms"]["median"] / row["opt_step_ms"]["median"]
+            if row["opt_step_ms"]["median"] else None, "<", 1.0,
+        ))
+        worst, mine = row["final_loss"]["max"], ours["final_loss"]["median"]
+        if mine is None or not math.isfinite(mine):
+            quality = None  # ours diverged or has no loss: fails
+        elif worst is None or not math.isfinite(worst):
+            quality = 0.0  # the peer diverged in some seed and ours did not
+        else:
+            quality = mine / worst if worst > 0 else (1.0 if mine <= worst else math.inf)
+        out.append(Claim(
+            f"peer-quality: {peer.counterpart} vs {name}",
+            f"our {peer.counterpart}'s final {loss} (median) is no worse than {peer.qualname}'s "
+            "worst seed (value: ratio)",
+            quality, "<=", 1.0,
+        ))
+    return out
 
 
 def _environment_extras(config: Config) -> dict[str, Any]:
@@ -1045,8 +1167,17 @@ def _quiet_peer_warnings() -> Iterator[None]:
 
 
 def run(config: Config, run: RunDir, progress: Progress) -> None:
-    device = torch.device(config.device)
+    from guided_descent import distributed as gdd
+
+    with gdd.process_group_from_env(config.device) as proc:
+        _run(config, run, progress, proc)
+
+
+def _run(config: Config, run: RunDir, progress: Progress, proc: Any) -> None:
+    device = proc.device
+    world = proc.world_size
     w = config.workload
+    config.check_world_size(world)
     extras = _environment_extras(config)
     _record_environment(run, extras)
     names, skipped = [], {}
@@ -1057,7 +1188,8 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
         else:
             skipped[name] = reason
     budget = config.budget
-    problems = {seed: w.build(seed, budget, config.batch, config.ci, device)
+    shard = (proc.rank, world)
+    problems = {seed: w.build(seed, budget, config.batch, config.ci, device, shard)
                 for seed in range(config.seeds)}
     factors = tuple(config.sweep_factors) if config.lr_sweep else (1.0,)
     sweep: dict[str, dict[str, float | None]] = {}
@@ -1071,7 +1203,7 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
         for name in names:
             try:
                 runs[name], chosen[name], tried = _run_optimizer(
-                    config, problems, name, factors, metrics, bar)
+                    config, problems, name, factors, metrics, bar, device)
             except Exception as e:
                 # Another library's failure must not end a long benchmark: note it and go on.
                 # Ours must: it is a bug to fix.
@@ -1095,6 +1227,7 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
         batch_size=config.batch,
         eval_every=config.cadence,
         samples_per_step=problems[0].samples_per_step,
+        world_size=world,
         clip=config.clip_norm,
         autocast=str(config.autocast_dtype).replace("torch.", "") if config.autocast_dtype
         else None,
@@ -1116,7 +1249,7 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
 
 def _run_optimizer(
     config: Config, problems: dict[int, Problem], name: str, factors: tuple[float, ...],
-    metrics: MetricsWriter, bar: Any,
+    metrics: MetricsWriter, bar: Any, device: torch.device,
 ) -> tuple[list[dict], float, dict[str, float | None]]:
     """Seed 0 at every learning-rate factor (the sweep), then the other seeds at the best one.
 
@@ -1127,7 +1260,7 @@ def _run_optimizer(
     first: dict[float, dict] = {}
     for factor in factors:
         bar.set_postfix_str(f"{name} seed 0 lr x{factor:g}")
-        first[factor] = run_one(config, problems[0], name, 0, factor, metrics)
+        first[factor] = run_one(config, problems[0], name, 0, factor, metrics, device=device)
         bar.update()
     tried = {f"{f:g}": (r["final"].get(loss_metric) if r["finite"] else None)
              for f, r in first.items()}
@@ -1135,7 +1268,7 @@ def _run_optimizer(
     runs = [first[best]]
     for seed in range(1, config.seeds):
         bar.set_postfix_str(f"{name} seed {seed}")
-        runs.append(run_one(config, problems[seed], name, seed, best, metrics))
+        runs.append(run_one(config, problems[seed], name, seed, best, metrics, device=device))
         bar.update()
     return runs, best, tried
 

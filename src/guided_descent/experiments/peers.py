@@ -59,6 +59,9 @@ class Peer:
     build: Callable[[list[Tensor]], torch.optim.Optimizer]
     matrix_only: bool = False
     note: str = ""
+    # The same algorithm as ``counterpart`` (a like-for-like comparison of implementations);
+    # False for a different method that only borrows the counterpart's AdamW settings.
+    same_algorithm: bool = True
 
 
 def _class(qualname: str) -> Any:
@@ -100,9 +103,11 @@ PEERS: dict[str, Peer] = {
              _default_ctor("heavyball.SOAP")),
         Peer("heavyball-klshampoo", "heavyball", "heavyball.KLShampoo", "shampoo",
              _default_ctor("heavyball.KLShampoo"),
-             note="heavyball has no plain Shampoo; KL-Shampoo (arXiv 2509.03378) is its Shampoo"),
+             note="heavyball has no plain Shampoo; KL-Shampoo (arXiv 2509.03378) is its Shampoo",
+             same_algorithm=False),
         Peer("heavyball-psgd", "heavyball", "heavyball.PSGDKron", "adamw",
-             _default_ctor("heavyball.PSGDKron"), note="PSGD with Kronecker factors"),
+             _default_ctor("heavyball.PSGDKron"), note="PSGD with Kronecker factors",
+             same_algorithm=False),
         Peer("pto-muon", "pytorch_optimizer", "pytorch_optimizer.Muon", "muon", _pto_muon),
         Peer("pto-soap", "pytorch_optimizer", "pytorch_optimizer.SOAP", "soap",
              _default_ctor("pytorch_optimizer.SOAP")),
@@ -110,7 +115,8 @@ PEERS: dict[str, Peer] = {
              _default_ctor("pytorch_optimizer.Shampoo"),
              note="the original Shampoo: inverse roots every step, no grafting"),
         Peer("pto-psgd", "pytorch_optimizer", "pytorch_optimizer.Kron", "adamw",
-             _default_ctor("pytorch_optimizer.Kron"), note="PSGD with Kronecker factors"),
+             _default_ctor("pytorch_optimizer.Kron"), note="PSGD with Kronecker factors",
+             same_algorithm=False),
     )
 }
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -192,8 +193,19 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+# The command line that started this process, when it is the ``guided-descent`` command
+# (set by the CLI): recorded in env.json so every number in a report names its command.
+_COMMAND: list[str] | None = None
+
+
+def record_command(argv: Sequence[str] | None) -> None:
+    """Remember ``guided-descent ARGV...`` for the ``env.json`` of runs this process writes."""
+    global _COMMAND
+    _COMMAND = None if argv is None else ["guided-descent", *argv]
+
+
 def environment(device: str) -> dict[str, Any]:
-    """Versions, device and commit: what ``env.json`` records."""
+    """Versions, device, commit and command: what ``env.json`` records."""
     from importlib import metadata
 
     import guided_descent
@@ -222,6 +234,8 @@ def environment(device: str) -> dict[str, Any]:
         },
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if _COMMAND is not None:
+        info["command"] = shlex.join(_COMMAND)
     if dev.type == "cuda" and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(dev)
     return info

@@ -164,6 +164,9 @@ def render(run_dir: Path) -> Path:
         + (f", EMA {config['ema_decay']} evaluated" if config["ema_decay"] else "")
         + (f", gradient clipping {res['clip']}" if res["clip"] else "")
         + (f", {res['autocast']} autocast" if res["autocast"] else "")
+        + (f"; data-parallel on {res['world_size']} processes (DDP, each computing 1/"
+           f"{res['world_size']} of every batch; times are rank 0's)"
+           if res.get("world_size", 1) > 1 else "")
         + ". Times clock training steps only (synchronised), after untimed warm-up steps and a "
         "state restore; optimizers run without their per-step finiteness check "
         "(`on_nonfinite=\"off\"`).",
@@ -310,3 +313,39 @@ def _beyond(flags: dict[str, bool] | None) -> str:
     if not flags:
         return "-"
     return " / ".join("yes" if flags[k] else "no" for k in ("steps", "seconds"))
+
+
+def compact_table(results: dict[str, Any]) -> str:
+    """The headline table of a run, for docs: target, steps/samples/seconds to it, cost, memory.
+
+    Ratios are to AdamW from the same run; an optimizer run at a swept learning rate is shown
+    with its multiplier.
+    """
+    rows: dict[str, dict[str, Any]] = results["optimizers"]
+    metric = results["workload"]["metric"]
+
+    def label(name: str, r: dict[str, Any]) -> str:
+        factor = r.get("lr_factor", 1.0)
+        return name if factor == 1.0 else f"{name} (lr ×{factor:g})"
+
+    return table(
+        ("optimizer", f"final {metric}", "steps to target", "reached", "steps × AdamW",
+         "samples to target", "seconds to target", "s × AdamW", "opt step ms", "× AdamW",
+         "state B/param"),
+        [
+            (
+                label(name, r),
+                _spread(r["final_metric"], 3),
+                _spread(r.get("target", {}).get("steps")),
+                f"{r.get('target', {}).get('reached', 0)}/{r['seeds']}",
+                _bound(r["vs_adamw"]),
+                _spread(r.get("target", {}).get("samples")),
+                _spread(r.get("target", {}).get("seconds")),
+                r["vs_adamw"].get("seconds_to_target"),
+                _spread(r["opt_step_ms"]),
+                r["vs_adamw"].get("opt_step_ms"),
+                r["state_bytes_per_param"],
+            )
+            for name, r in rows.items()
+        ],
+    )

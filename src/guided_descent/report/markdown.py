@@ -72,6 +72,7 @@ def environment_line(env: Mapping[str, Any]) -> str:
         f"Device: {device} ({env.get('machine', '?')}, {env.get('torch_threads', '?')} torch "
         f"threads); torch {env.get('torch', '?')}; guided-descent {env.get('guided_descent', '?')}"
         f" ({commit}); Python {env.get('python', '?')}; run at {env.get('created', '?')}."
+        + (f" Command: `{env['command']}`." if env.get("command") else "")
     )
 
 
