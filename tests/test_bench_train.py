@@ -274,22 +274,28 @@ def _step_peer(name: str) -> None:
 
 
 def test_peer_claims_compare_like_with_like():
-    def row(step_ms, losses):
-        return {"opt_step_ms": {"median": step_ms}, "final_loss": _stats(losses)}
+    def row(step_ms, scores):
+        return {"opt_step_ms": {"median": step_ms}, "final_metric": _stats(scores)}
 
     table = {
-        "adamw": row(1.0, [1.0, 1.0, 1.0]),
-        "muon": row(2.0, [0.50, 0.52, 0.55]),
-        "pto-muon": row(4.0, [0.49, 0.51, 0.51]),  # slower; ours (0.52) within its range? no
+        "adamw": row(1.0, [0.9, 0.9, 0.9]),
+        "muon": row(2.0, [0.95, 0.96, 0.97]),
+        "pto-muon": row(4.0, [0.97, 0.98, 0.98]),  # slower; its worst seed beats our median
         "torch-muon": row(1.0, [0.7, math.nan, 0.8]),  # faster; diverged in one seed
-        "pto-psgd": row(0.5, [0.1, 0.1, 0.1]),  # another algorithm: no claim
+        "pto-psgd": row(0.5, [0.99, 0.99, 0.99]),  # another algorithm: no claim
     }
-    got = {c.name: (c.value, c.passed) for c in peer_claims(Config(), table)}
+    config = Config(task="digits-mlp")  # test accuracy: larger is better
+    got = {c.name: (c.value, c.passed) for c in peer_claims(config, table)}
     assert set(got) == {"peer-speed: muon vs pto-muon", "peer-quality: muon vs pto-muon",
                         "peer-speed: muon vs torch-muon", "peer-quality: muon vs torch-muon"}
     assert got["peer-speed: muon vs pto-muon"] == (0.5, True)
-    assert got["peer-quality: muon vs pto-muon"][1] is False  # 0.52 > their worst 0.51
+    assert got["peer-quality: muon vs pto-muon"] == (pytest.approx(0.97 / 0.96), False)
     assert got["peer-speed: muon vs torch-muon"] == (2.0, False)
     assert got["peer-quality: muon vs torch-muon"] == (0.0, True)
+    # A loss-valued metric (smaller is better): ours 0.5 against their worst 0.4 fails.
+    losses = {"muon": row(1.0, [0.5]), "pto-muon": row(1.0, [0.3, 0.4])}
+    claims = {c.name: c for c in peer_claims(Config(task="kron-quadratic"), losses)}
+    assert claims["peer-quality: muon vs pto-muon"].value == pytest.approx(1.25)
+    assert not claims["peer-quality: muon vs pto-muon"].passed
     # Our counterpart not run: nothing to compare.
-    assert peer_claims(Config(), {"adamw": table["adamw"], "pto-muon": table["pto-muon"]}) == []
+    assert peer_claims(config, {"adamw": table["adamw"], "pto-muon": table["pto-muon"]}) == []

@@ -1102,10 +1102,16 @@ def claims(config: Config, results: dict[str, Any]) -> list[Claim]:
 
 def peer_claims(config: Config, table: dict[str, dict[str, Any]]) -> list[Claim]:
     """Our implementation against each other library's implementation of the same algorithm
-    that ran: a faster optimizer step (median over seeds), and a final validation loss no worse
-    than the peer's worst seed. Each side runs at its own library's defaults (or, with
-    ``--lr-sweep``, at the best of the same multipliers of them)."""
-    loss = config.workload.loss_metric
+    that ran: a faster optimizer step (median over seeds), and a final score on the task's
+    metric (the one its target is set on) no worse than the peer's worst seed. Each side runs
+    at its own library's defaults (or, with ``--lr-sweep``, at the best of the same multipliers
+    of them).
+
+    The metric, not the validation loss, because the loss misjudges classifiers that overfit:
+    on MNIST-1D our Muon's test loss climbs from 0.96 to 2.1 while its accuracy rises to 0.69,
+    and a peer that barely trains at its default learning rate keeps a lower loss.
+    """
+    w = config.workload
     out = []
     for name, row in table.items():
         peer = peer_lib.PEERS.get(name)
@@ -1119,20 +1125,29 @@ def peer_claims(config: Config, table: dict[str, dict[str, Any]]) -> list[Claim]
             ours["opt_step_ms"]["median"] / row["opt_step_ms"]["median"]
             if row["opt_step_ms"]["median"] else None, "<", 1.0,
         ))
-        worst, mine = row["final_loss"]["max"], ours["final_loss"]["median"]
-        if mine is None or not math.isfinite(mine):
-            quality = None  # ours diverged or has no loss: fails
-        elif worst is None or not math.isfinite(worst):
-            quality = 0.0  # the peer diverged in some seed and ours did not
-        else:
-            quality = mine / worst if worst > 0 else (1.0 if mine <= worst else math.inf)
         out.append(Claim(
             f"peer-quality: {peer.counterpart} vs {name}",
-            f"our {peer.counterpart}'s final {loss} (median) is no worse than {peer.qualname}'s "
-            "worst seed (value: ratio)",
-            quality, "<=", 1.0,
+            f"our {peer.counterpart}'s final {w.metric} (median) is no worse than "
+            f"{peer.qualname}'s worst seed (value: ours / theirs, oriented so that <= 1 is "
+            "no worse)",
+            _no_worse(ours["final_metric"]["median"],
+                      row["final_metric"]["min" if w.maximize else "max"], w.maximize),
+            "<=", 1.0,
         ))
     return out
+
+
+def _no_worse(mine: float | None, worst: float | None, maximize: bool) -> float | None:
+    """``mine / worst`` (``worst / mine`` when larger is better): <= 1 when ``mine`` is no worse.
+    ``None`` (fails) when ours is missing or not finite; 0 when only the peer's is."""
+    if mine is None or not math.isfinite(mine):
+        return None
+    if worst is None or not math.isfinite(worst):
+        return 0.0
+    num, den = (worst, mine) if maximize else (mine, worst)
+    if den > 0:
+        return num / den
+    return 1.0 if num <= den else math.inf
 
 
 def _environment_extras(config: Config) -> dict[str, Any]:
