@@ -15,6 +15,7 @@ from guided_descent.experiments.bench_train import (
     WORKLOADS,
     Config,
     _stats,
+    build_optimizer,
     clears_spread,
     make_schedule,
     peer_claims,
@@ -173,6 +174,10 @@ def test_schedule_family():
         ({"optimizers": ("kfac",), "compile": True}, "compile"),
         ({"target": "fast"}, "target"),
         ({"schedule": "linear"}, "schedule"),
+        ({"hyper": ("muon.ns_dtype",)}, "NAME.KEY=VALUE"),
+        ({"hyper": ("muon.nope=1",)}, "unknown hyper-parameter"),
+        ({"hyper": ("pto-muon.lr=1",)}, "not one of our optimizers"),
+        ({"hyper": ("soap.lr=1",), "optimizers": ("muon",)}, "not among the optimizers"),
     ],
 )
 def test_config_rejects(changes, message):
@@ -275,7 +280,8 @@ def _step_peer(name: str) -> None:
 
 def test_peer_claims_compare_like_with_like():
     def row(step_ms, scores):
-        return {"opt_step_ms": {"median": step_ms}, "final_metric": _stats(scores)}
+        ms = [step_ms] * len(scores) if isinstance(step_ms, float) else step_ms
+        return {"opt_step_ms": _stats(ms), "final_metric": _stats(scores)}
 
     table = {
         "adamw": row(1.0, [0.9, 0.9, 0.9]),
@@ -292,10 +298,27 @@ def test_peer_claims_compare_like_with_like():
     assert got["peer-quality: muon vs pto-muon"] == (pytest.approx(0.97 / 0.96), False)
     assert got["peer-speed: muon vs torch-muon"] == (2.0, False)
     assert got["peer-quality: muon vs torch-muon"] == (0.0, True)
+    # Faster by the medians but not in every seed: a near-tie does not count.
+    tie = {"muon": row([1.0, 1.0, 1.2], [0.9] * 3), "pto-muon": row([1.1, 1.1, 1.1], [0.9] * 3)}
+    speed = {c.name: c for c in peer_claims(config, tie)}["peer-speed: muon vs pto-muon"]
+    assert speed.value == pytest.approx(1.2 / 1.1) and not speed.passed
     # A loss-valued metric (smaller is better): ours 0.5 against their worst 0.4 fails.
-    losses = {"muon": row(1.0, [0.5]), "pto-muon": row(1.0, [0.3, 0.4])}
+    losses = {"muon": row(1.0, [0.5, 0.5]), "pto-muon": row(1.0, [0.3, 0.4])}
     claims = {c.name: c for c in peer_claims(Config(task="kron-quadratic"), losses)}
     assert claims["peer-quality: muon vs pto-muon"].value == pytest.approx(1.25)
     assert not claims["peer-quality: muon vs pto-muon"].passed
     # Our counterpart not run: nothing to compare.
     assert peer_claims(config, {"adamw": table["adamw"], "pto-muon": table["pto-muon"]}) == []
+
+
+def test_hyper_overrides_reach_the_optimizer_and_the_record(tmp_path):
+    summary = _bench(tmp_path, "hyper", "digits-mlp", "--optimizers", "muon", "--seeds", "1",
+                     "--hyper", "muon.ns_dtype=bfloat16,muon.ns_steps=3")
+    res = summary["results"]
+    assert res["overrides"] == {"muon": {"ns_dtype": "bfloat16", "ns_steps": "3"}}
+    muon_groups = [g for g in res["hyperparams"]["muon"] if g.get("ns_dtype")]
+    assert muon_groups and all(g["ns_dtype"] == "bfloat16" for g in muon_groups)
+    config = Config(optimizers=("muon",), hyper=("muon.ns_dtype=bfloat16",))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = build_optimizer("muon", model, config).optimizer
+    assert {g.get("ns_dtype") for g in opt.param_groups} >= {torch.bfloat16}

@@ -279,6 +279,9 @@ def render(run_dir: Path) -> Path:
     lines += [
         "## Hyper-parameters (per param group)",
         "",
+        *([("Changed from the registry defaults (`--hyper`): " + "; ".join(
+            f"{n}: " + ", ".join(f"{k}={v}" for k, v in kw.items())
+            for n, kw in res["overrides"].items()) + "."), ""] if res.get("overrides") else []),
         table(("optimizer", "groups"),
               [(n, "; ".join(", ".join(f"{k}={fmt(v, 4) if isinstance(v, float) else v}"
                                        for k, v in g.items()) for g in groups))
@@ -324,9 +327,14 @@ def compact_table(results: dict[str, Any]) -> str:
     rows: dict[str, dict[str, Any]] = results["optimizers"]
     metric = results["workload"]["metric"]
 
+    overrides = results.get("overrides") or {}
+
     def label(name: str, r: dict[str, Any]) -> str:
+        changes = [f"{k}={v}" for k, v in overrides.get(name, {}).items()]
         factor = r.get("lr_factor", 1.0)
-        return name if factor == 1.0 else f"{name} (lr ×{factor:g})"
+        if factor != 1.0:
+            changes.append(f"lr ×{factor:g}")
+        return f"{name} ({', '.join(changes)})" if changes else name
 
     return table(
         ("optimizer", f"final {metric}", "steps to target", "reached", "steps × AdamW",
