@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
-from typing import Final
+from typing import Any, Final
 
 import torch
 from torch import Tensor
@@ -127,6 +127,15 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def _iterate(X: Tensor, schedule: Sequence[Coefficients], fused_mm: Any) -> Tensor:
+    """The quintic steps on ``X`` (m <= n), with ``fused_mm`` = ``addmm`` (2-D) or ``baddbmm``."""
+    for a, b, c in schedule:
+        A = X @ X.mT  # Gram of the short side: m²n flops instead of n²m
+        B = fused_mm(A, A, A, beta=b, alpha=c)  # b A + c A²
+        X = fused_mm(X, B, X, beta=a)  # a X + (b A + c A²) X = a X + b X³ + c X⁵
+    return X
+
+
 def newton_schulz(
     G: Tensor,
     steps: int = 5,
@@ -179,9 +188,11 @@ def newton_schulz(
     X = X.reshape(-1, m, n)  # (B, m, n), m <= n, compute dtype
     # ‖X‖_2 <= ‖X‖_F = 1 afterwards: every singular value starts in [0, 1], the polynomials' domain.
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    for a, b, c in schedule:
-        A = X @ X.mT  # (B, m, m) Gram of the short side: m²n flops instead of n²m
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A²
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + (b A + c A²) X = a X + b X³ + c X⁵
+    if X.size(0) == 1:
+        # One matrix: 2-D kernels. On CPU, bfloat16 addmm is ~1.5x faster than a batch-of-one
+        # baddbmm (measured 1.05 vs 1.55 ms for 256x256, 5 steps, 2 threads); same result.
+        X = _iterate(X[0], schedule, torch.addmm)[None]
+    else:
+        X = _iterate(X, schedule, torch.baddbmm)
     X = X.reshape(*batch_shape, m, n)
     return X.mT if tall else X
