@@ -359,6 +359,8 @@ def _build_charlm(size: str, val_windows: int) -> Callable[..., Problem]:
 
 _CI_DIGITS = {"steps": 40, "eval_every": 5, "optimizers": ("adamw", "muon")}
 _CI_MNIST1D = {"steps": 40, "eval_every": 5, "optimizers": ("adamw", "muon")}
+# Every charlm size shares the CI model (CHARLM_CI) and this budget.
+_CI_CHARLM = {"steps": 20, "eval_every": 5, "optimizers": ("adamw", "muon"), "batch_size": 8}
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -464,7 +466,7 @@ WORKLOADS: dict[str, Workload] = {
                               text="Muon ~ SOAP < Shampoo < AdamW ~ Lion < SGD-momentum"),),
             expected="Muon ~ SOAP < Shampoo < AdamW ~ Lion < SGD-momentum",
             clip=1.0,
-            ci={"steps": 20, "eval_every": 5, "optimizers": ("adamw", "muon"), "batch_size": 8},
+            ci=_CI_CHARLM,
         ),
         Workload(
             "charlm-gpu",
@@ -479,7 +481,7 @@ WORKLOADS: dict[str, Workload] = {
                               text="Muon ~ SOAP < Shampoo < AdamW ~ Lion"),),
             expected="Muon ~ SOAP < Shampoo < AdamW ~ Lion (as charlm)",
             clip=1.0,
-            ci={"steps": 20, "eval_every": 5, "optimizers": ("adamw", "muon"), "batch_size": 8},
+            ci=_CI_CHARLM,
         ),
         Workload(
             "charlm-gpt2s",
@@ -492,7 +494,7 @@ WORKLOADS: dict[str, Workload] = {
             target_text="validation loss <= AdamW's final value",
             expected="loss at a fixed step and ms/step (BENCHMARKS.md gpt2s-throughput)",
             clip=1.0,
-            ci={"steps": 20, "eval_every": 5, "optimizers": ("adamw", "muon"), "batch_size": 8},
+            ci=_CI_CHARLM,
         ),
     )
 }
