@@ -51,6 +51,7 @@ def test_quick_run_writes_table_figures_and_claims(tmp_path, capsys):
     for figure in ("loss_vs_steps.png", "loss_vs_time.png"):
         assert f"./{figure}" in report and (out / figure).stat().st_size > 1000
     assert "| optimizer | final test_acc | steps to target |" in report
+    assert "This is the CI-sized variant" in report
     env = json.loads((out / "env.json").read_text())
     assert "mnist1d" in env["packages"] and "heavyball" in env["packages"]
     assert env["command"].startswith("guided-descent bench train digits-mlp --quick")
