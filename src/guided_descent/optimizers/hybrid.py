@@ -56,9 +56,19 @@ _ADAMW_GROUP_KEYS = {*ADAMW_KEYS, "params", "algorithm"}
 
 
 def adamw_defaults(
-    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+    lr: float | None,
+    betas: tuple[float, float] | None,
+    eps: float | None,
+    weight_decay: float | None,
+    *,
+    inherit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    """The AdamW groups' defaults; with ``inherit`` (the matrix defaults), a ``None`` takes the
+    matrix method's value of the same name (Shampoo and SOAP share their Adam settings)."""
+    given = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+    out = {k: (inherit[k] if v is None and inherit is not None else v) for k, v in given.items()}
+    out["betas"] = tuple(out["betas"])
+    return out
 
 
 def build_groups(

@@ -137,10 +137,7 @@ class SOAP(HybridOptimizer):
         )
         validate_hyperparams(PREFIX, defaults)
         adamw = adamw_defaults(
-            lr if adamw_lr is None else adamw_lr,
-            betas if adamw_betas is None else adamw_betas,
-            eps if adamw_eps is None else adamw_eps,
-            weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+            adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, inherit=defaults
         )
         super().__init__(params, defaults, adamw, on_nonfinite, distributed)
 
