@@ -210,7 +210,7 @@ def test_gpt_routing_sends_hidden_matrices_to_muon_and_the_rest_to_adamw(tied):
     text = str(table)
     print(text)  # shown with pytest -s: the table a user sees
     rows = {line.split()[0]: line.split()[1] for line in text.splitlines()[1:]}
-    assert text.splitlines()[0].split()[:3] == ["parameter", "optimizer", "shape"]
+    assert text.splitlines()[0].split()[:4] == ["parameter", "optimizer", "view", "shape"]
     assert {n for n, a in rows.items() if a == "muon"} == HIDDEN
     for name in ["tok.weight", "pos", "ln_f.weight", "ln_f.bias", "blocks.0.ln1.weight",
                  "blocks.1.q.bias", "blocks.0.fc.bias"]:
@@ -381,5 +381,5 @@ def test_factory_matches_the_class():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
     opt = muon(model, lr=0.01)
     assert isinstance(opt, Muon) and opt.param_groups[0]["lr"] == 0.01
-    with pytest.raises(ValueError, match="routing overrides need the model"):
+    with pytest.raises(ValueError, match="routing overrides match parameter names"):
         muon(list(model.parameters()), routing={"*": "adamw"})

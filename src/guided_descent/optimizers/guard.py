@@ -161,6 +161,7 @@ class GuardedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._before_update()
         if self.on_nonfinite != "off" and not self._gradients_are_finite():
             return loss
         self._update()
@@ -170,6 +171,9 @@ class GuardedOptimizer:
     def _update(self) -> None:
         """The update rule, from ``p.grad`` (the closure has run already)."""
         raise NotImplementedError
+
+    def _before_update(self) -> None:
+        """Work a subclass must do once the closure has run, before any check or update."""
 
     def _discard_step_statistics(self) -> None:
         """Forget what was recorded for the coming step (layer hooks); the step is skipped."""

@@ -27,7 +27,9 @@ AdamW groups need neither: torch's AdamW runs on DTensor shards as they are.
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
+import weakref
 from collections.abc import Hashable, Iterable, Mapping
 from itertools import chain
 from typing import Any, ClassVar
@@ -49,7 +51,15 @@ from guided_descent.optimizers.guard import (
     GuardedOptimizer,
 )
 from guided_descent.optimizers.validation import validate_hyperparams
-from guided_descent.routing import FALLBACK, route, split_by_ndim
+from guided_descent.preconditioners.views import FLATTEN, matrix_shape
+from guided_descent.routing import (
+    FALLBACK,
+    Router,
+    RoutingPolicy,
+    RoutingTable,
+    policy_for,
+    split_by_ndim,
+)
 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 _ADAMW_GROUP_KEYS = {*ADAMW_KEYS, "params", "algorithm"}
@@ -71,21 +81,87 @@ def adamw_defaults(
     return out
 
 
+def plan_groups(
+    target: nn.Module | Iterable[Any],
+    algorithm: str,
+    routing: Mapping[str, str] | None,
+    *,
+    policy: RoutingPolicy | None = None,
+    example_inputs: Any = None,
+) -> tuple[list[Any], Router | None]:
+    """Param groups for a hybrid optimizer, and the :class:`Router` when ``target`` is a model.
+
+    A model is routed by :func:`~guided_descent.routing.route` (final once a forward pass has
+    been seen, see :class:`Router`). A list of parameters, or of ``(name, parameter)`` pairs, is
+    split by shape as :meth:`HybridOptimizer.add_param_group` splits untagged groups; names allow
+    ``routing`` overrides. Param-group dicts pass through.
+    """
+    policy = policy_for(algorithm) if policy is None else policy
+    if isinstance(target, nn.Module):
+        router = Router(target, algorithm, routing, policy, example_inputs)
+        return router.table.param_groups(), router
+    if example_inputs is not None:
+        raise ValueError("example_inputs need the model: pass the nn.Module, not its parameters")
+    items = list(target)
+    named = bool(items) and all(
+        isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], Tensor) for x in items
+    )
+    if routing and not named:
+        raise ValueError(
+            "routing overrides match parameter names: pass the model or named_parameters()"
+        )
+    if not (named or (items and all(isinstance(p, Tensor) for p in items))):
+        return items, None  # param-group dicts (or whatever torch will reject with its message)
+    min_ndim = 0 if policy.vectors else 2
+    if routing:
+        groups = _named_overrides(items, algorithm, dict(routing), min_ndim)
+    else:
+        groups = split_by_ndim(items, algorithm, min_ndim)
+    params = [x[1] if named else x for x in items]
+    if min_ndim and any(p.dim() < 2 for p in params) and any(p.dim() >= 2 for p in params):
+        warnings.warn(
+            f"{algorithm}: given parameters, not the model, so they are split by shape alone "
+            f"(>= 2-D to {algorithm}, the rest to {FALLBACK}); an output head or embedding "
+            f"among them cannot be recognised and goes to {algorithm}. Pass the nn.Module to "
+            "route by structure, or named_parameters() with routing= to set it by name",
+            UserWarning,
+            stacklevel=3,
+        )
+    return groups, None
+
+
+def _named_overrides(
+    items: list[tuple[str, Tensor]], algorithm: str, routing: dict[str, str], min_ndim: int
+) -> list[dict[str, Any]]:
+    for pattern, target in routing.items():
+        if target not in (algorithm, FALLBACK):
+            raise ValueError(
+                f"routing override {pattern!r} -> {target!r}: the target must be "
+                f"{algorithm!r} or {FALLBACK!r}"
+            )
+    chosen: dict[str, list[tuple[str, Tensor]]] = {algorithm: [], FALLBACK: []}
+    for name, p in items:
+        matched = next((pat for pat in routing if fnmatch.fnmatchcase(name, pat)), None)
+        if matched is not None:
+            chosen[routing[matched]].append((name, p))
+        else:
+            chosen[algorithm if p.dim() >= min_ndim else FALLBACK].append((name, p))
+    return [
+        {"params": [p for _, p in pairs], "param_names": [n for n, _ in pairs], "algorithm": a}
+        for a, pairs in chosen.items()
+        if pairs
+    ]
+
+
 def build_groups(
     target: nn.Module | Iterable[Any],
     algorithm: str,
     routing: Mapping[str, str] | None,
     min_ndim: int = 2,
 ) -> list[Any]:
-    """Param groups for a hybrid optimizer from a model (routed) or a parameter list."""
-    if isinstance(target, nn.Module):
-        return route(target, algorithm, routing).param_groups()
-    if routing:
-        raise ValueError("routing overrides need the model (they match parameter names)")
-    items = list(target)
-    if items and all(isinstance(p, Tensor) for p in items):
-        return split_by_ndim(items, algorithm, min_ndim)
-    return items
+    """The param groups of :func:`plan_groups` (without the router)."""
+    del min_ndim  # one shape rule for every method now: see HybridOptimizer.add_param_group
+    return plan_groups(target, algorithm, routing)[0]
 
 
 def warn_failure(
@@ -146,6 +222,7 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
     work_split: WorkSplit | None = None
     _sharded: WorkSplit | None = None
     _own_stats: SplitStats | None = None
+    router: Router | None = None
 
     def __init__(
         self,
@@ -154,6 +231,7 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
         adamw: dict[str, Any],
         on_nonfinite: str = "skip",
         distributed: Distributed = None,
+        router: Router | None = None,
     ) -> None:
         validate_hyperparams(f"{self.ALGORITHM} (adamw groups)", adamw)
         self._init_guard(on_nonfinite)
@@ -161,6 +239,77 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
         # Kept out of param_groups: a process group is neither a hyper-parameter nor picklable.
         self.work_split = resolve(distributed)
         super().__init__(params, {**defaults, "algorithm": self.ALGORITHM})
+        self.router = router
+        if router is not None:
+            if router.final:
+                self._check_routed()
+            else:
+                ref = weakref.ref(self)
+
+                def on_final(table: RoutingTable) -> None:
+                    opt = ref()
+                    if opt is not None:
+                        opt._apply_routing(table)
+
+                router.watch(on_final)
+
+    # ------------------------------------------------------------------------------ routing
+
+    @property
+    def routing(self) -> RoutingTable | None:
+        """The routing table this optimizer applies (``None`` when built from parameters).
+
+        Provisional until the model's first forward pass with gradients (or the first step)."""
+        return None if self.router is None else self.router.table
+
+    def _group_key(self, group: Mapping[str, Any]) -> tuple[str, str | None]:
+        algorithm = group["algorithm"]
+        view = group.get("matrix_view") if algorithm == self.ALGORITHM else None
+        return algorithm, view
+
+    def _apply_routing(self, table: RoutingTable) -> None:
+        """Move parameters between this optimizer's groups to follow ``table`` (before any
+        state exists: a finalized routing only ever changes an optimizer that has not stepped)."""
+        if self._steps or self.state:
+            return
+        by_key = {self._group_key(g): g for g in self.param_groups}
+        where = {id(p): g for g in self.param_groups for p in g["params"]}
+        for r in table.routes:
+            p = table.parameter(r.name)
+            target = by_key.get(table.key(r))
+            current = where.get(id(p))
+            if target is None or current is None or target is current:
+                continue
+            i = next(j for j, q in enumerate(current["params"]) if q is p)
+            del current["params"][i]
+            if "param_names" in current:
+                del current["param_names"][i]
+            target["params"].append(p)
+            if "param_names" in target:
+                target["param_names"].append(r.name)
+        self._check_routed()
+
+    def _check_routed(self) -> None:
+        table = self.routing
+        if table is None or table.count(self.ALGORITHM):
+            return
+        adamw_lr = self._adamw_defaults["lr"]
+        warnings.warn(
+            f"{self.ALGORITHM}: no parameter of the model is routed to {self.ALGORITHM} (see "
+            f"optimizer.routing); all {len(table.routes)} go to {FALLBACK} at lr={adamw_lr:g}, "
+            f"so {self.ALGORITHM}'s own lr has no effect. Use routing={{name: "
+            f"{self.ALGORITHM!r}}} to send a parameter to it",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def _before_update(self) -> None:
+        router = self.router
+        if router is None or router.final:
+            return
+        for note in router.settle(None):
+            warnings.warn(note, UserWarning, stacklevel=4)
+        self._apply_routing(router.table)
 
     @property
     def split_stats(self) -> SplitStats:
@@ -186,9 +335,13 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
         algorithm = group.get("algorithm")
         owner = f"{self.ALGORITHM} (param group {len(self.param_groups)})"
         if algorithm is None:
+            # One rule for every method and for every way of passing parameters: what the
+            # routing policy sends to the matrix method by shape (>= 2-D; vectors only when the
+            # policy takes them), the rest to AdamW.
             params = group.pop("params")
             params = [params] if isinstance(params, Tensor) else list(params)
-            for part in split_by_ndim(params, self.ALGORITHM, self.MIN_NDIM):
+            policy = self.router.policy if self.router is not None else policy_for(self.ALGORITHM)
+            for part in split_by_ndim(params, self.ALGORITHM, 0 if policy.vectors else 2):
                 self.add_param_group({**group, **part})
             return
         validate_hyperparams(owner, group)
@@ -201,8 +354,19 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
                 f"got {algorithm!r}"
             )
         else:
-            self.check_group(owner, {**self.defaults, **group})
-            small = [tuple(p.shape) for p in group["params"] if p.dim() < self.MIN_NDIM]
+            merged = {**self.defaults, **group}
+            self.check_group(owner, merged)
+            view = merged.get("matrix_view", FLATTEN)
+            raw = group["params"]
+            group["params"] = raw = [raw] if isinstance(raw, Tensor) else list(raw)
+            tensors = [x[1] if isinstance(x, tuple) else x for x in raw]
+            for p in tensors:
+                if p.dim() >= 2:
+                    try:
+                        matrix_shape(p.shape, view)
+                    except ValueError as err:
+                        raise ValueError(f"{owner}: {err}") from None
+            small = [tuple(p.shape) for p in tensors if p.dim() < self.MIN_NDIM]
             if small:
                 raise ValueError(
                     f"{self.ALGORITHM} needs parameters with >= {self.MIN_NDIM} dimensions; "
@@ -269,6 +433,7 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
         they would lose what they keep and a resumed run would drift from an uninterrupted one.
         AdamW groups keep torch's semantics.
         """
+        self._follow_saved_routing(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         pairs = ((p, g) for g in self.param_groups for p in g["params"])
@@ -279,6 +444,36 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
             for key, value in state_dict["state"][saved_id].items():
                 if key != "step":
                     state[key] = _saved_copy(value, p.device)
+
+    def _follow_saved_routing(self, state_dict: Mapping[str, Any]) -> None:
+        """Give the groups the membership the state dict was saved with, by parameter name.
+
+        A routed optimizer may have moved parameters between its groups after its first forward
+        pass; one built afresh to resume has not yet. torch loads state by position within each
+        group, so the saved membership is restored first (then the routing is final).
+        """
+        saved = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if self.router is None or not isinstance(saved, list) or len(saved) != len(
+            self.param_groups
+        ):
+            return
+        current = [g.get("param_names") for g in self.param_groups]
+        wanted = [g.get("param_names") if isinstance(g, Mapping) else None for g in saved]
+        if any(names is None for names in current + wanted):
+            return
+        by_name = {
+            n: p
+            for g in self.param_groups
+            for n, p in zip(g["param_names"], g["params"], strict=True)
+        }
+        if sorted(by_name) != sorted(chain.from_iterable(wanted)):
+            return  # not this model's parameters: check_state_dict says what differs
+        for group, names in zip(self.param_groups, wanted, strict=True):
+            group["params"] = [by_name[n] for n in names]
+            group["param_names"] = list(names)
+        self.router.adopt(
+            {n: self._group_key(g) for g in self.param_groups for n in g["param_names"]}
+        )
 
     @torch.no_grad()
     def _update(self) -> None:

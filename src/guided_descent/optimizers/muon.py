@@ -24,7 +24,7 @@ from guided_descent.linalg.newton_schulz import (
     coefficient_schedule,
     default_compute_dtype,
 )
-from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, build_groups
+from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, plan_groups
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.orthogonalize import (
@@ -36,6 +36,7 @@ from guided_descent.preconditioners.orthogonalize import (
     orthogonalize,
     shape_scale,
 )
+from guided_descent.routing import Router, RoutingPolicy, set_policy
 from guided_descent.transforms.descend import step_rms
 
 DEFAULT_LR = 0.02
@@ -121,6 +122,8 @@ class Muon(HybridOptimizer):
     """
 
     ALGORITHM = "muon"
+    # What this method takes from a model (guided_descent.routing): hidden matrices only.
+    ROUTING = RoutingPolicy()
     STATE_NAME = "Muon"
 
     def __init__(
@@ -142,6 +145,7 @@ class Muon(HybridOptimizer):
         adamw_weight_decay: float = 0.0,
         on_nonfinite: str = "skip",
         distributed: Distributed = None,
+        router: Router | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -157,7 +161,7 @@ class Muon(HybridOptimizer):
         _check_muon_options("muon", defaults)
         defaults["ns_coefficients"] = _normalized_coefficients(ns_coefficients, ns_steps)
         adamw = adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
-        super().__init__(params, defaults, adamw, on_nonfinite, distributed)
+        super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check before torch appends the group; a group's keys fall back to the defaults, so a
@@ -333,6 +337,7 @@ def muon(
     adamw_eps: float = 1e-8,
     adamw_weight_decay: float = 0.0,
     routing: Mapping[str, str] | None = None,
+    example_inputs: Any = None,
     on_nonfinite: str = "skip",
     distributed: Distributed = None,
 ) -> Muon:
@@ -344,7 +349,9 @@ def muon(
     passed through. The other arguments are :class:`Muon`'s (``distributed=None`` splits the
     work when ``target`` is a ``DistributedDataParallel`` module).
     """
-    groups = build_groups(target, Muon.ALGORITHM, routing)
+    groups, router = plan_groups(
+        target, Muon.ALGORITHM, routing, example_inputs=example_inputs
+    )
     return Muon(
         groups,
         lr=lr,
@@ -362,6 +369,7 @@ def muon(
         adamw_weight_decay=adamw_weight_decay,
         on_nonfinite=on_nonfinite,
         distributed=auto(distributed, target),
+        router=router,
     )
 
 
@@ -383,3 +391,4 @@ SPEC = register(
         routes=True,
     )
 )
+set_policy(Muon.ALGORITHM, Muon.ROUTING)

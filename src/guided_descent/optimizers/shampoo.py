@@ -23,8 +23,8 @@ from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     HybridOptimizer,
     adamw_defaults,
-    build_groups,
     mark_refreshed,
+    plan_groups,
     refresh_age,
     warn_failure,
 )
@@ -42,6 +42,7 @@ from guided_descent.preconditioners.shampoo import (
     precondition_block,
     shampoo_layout,
 )
+from guided_descent.routing import Router, RoutingPolicy, set_policy
 from guided_descent.transforms.descend import descend_
 from guided_descent.transforms.grafting import (
     Grafting,
@@ -107,6 +108,10 @@ class Shampoo(HybridOptimizer):
             take the graft's update (the factors accumulate from step 1). Default 1.
         max_preconditioner_dim: dimensions longer than this are cut into blocks. Default 1024.
         max_factor_dim: dimensions longer than this get a diagonal factor instead. Default 4096.
+        matrix_view: how a parameter is cut into matrices before blocking
+            (:mod:`guided_descent.preconditioners.views`): ``"flatten"`` (default) preconditions
+            it as the tensor it is; ``"split:K"`` and ``"batch"`` give each of its matrices its own
+            factors (routing sets these per group for attention, recurrent and expert weights).
         grafting: ``"adam"`` (default), ``"adagrad"`` or ``"none"`` (the raw Shampoo direction;
             vectors and early steps still take Adam's update).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: hyper-parameters of the AdamW groups;
@@ -133,6 +138,8 @@ class Shampoo(HybridOptimizer):
     """
 
     ALGORITHM = "shampoo"
+    # What this method takes from a model (guided_descent.routing): hidden matrices only.
+    ROUTING = RoutingPolicy()
     STATE_NAME = "Shampoo"
     MIN_NDIM = 0
 
@@ -151,6 +158,7 @@ class Shampoo(HybridOptimizer):
         start_preconditioning_step: int = 1,
         max_preconditioner_dim: int = 1024,
         max_factor_dim: int = 4096,
+        matrix_view: str = "flatten",
         grafting: Grafting = "adam",
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] | None = None,
@@ -158,6 +166,7 @@ class Shampoo(HybridOptimizer):
         adamw_weight_decay: float | None = None,
         on_nonfinite: str = "skip",
         distributed: Distributed = None,
+        router: Router | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -171,6 +180,7 @@ class Shampoo(HybridOptimizer):
             start_preconditioning_step=start_preconditioning_step,
             max_preconditioner_dim=max_preconditioner_dim,
             max_factor_dim=max_factor_dim,
+            matrix_view=matrix_view,
             grafting=grafting,
         )
         validate_hyperparams(PREFIX, defaults)
@@ -178,7 +188,7 @@ class Shampoo(HybridOptimizer):
         adamw = adamw_defaults(
             adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, inherit=defaults
         )
-        super().__init__(params, defaults, adamw, on_nonfinite, distributed)
+        super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
         _check_shampoo_options(owner, group)
@@ -209,7 +219,10 @@ class Shampoo(HybridOptimizer):
 
     def _layout(self, p: Tensor, group: Mapping[str, Any]) -> ShampooLayout:
         return shampoo_layout(
-            tuple(p.shape), group["max_preconditioner_dim"], group["max_factor_dim"]
+            tuple(p.shape),
+            group["max_preconditioner_dim"],
+            group["max_factor_dim"],
+            group.get("matrix_view", "flatten"),
         )
 
     def _init_state(self, state: dict[str, Any], p: Tensor, layout: ShampooLayout) -> None:
@@ -286,7 +299,8 @@ class Shampoo(HybridOptimizer):
                     raise ValueError(
                         f"{PREFIX}: the parameter of shape {tuple(p.shape)} has state for "
                         f"{len(state[keys[0]])} blocks but the group's max_preconditioner_dim/"
-                        f"max_factor_dim give {len(layout.blocks)}; they cannot change mid-run"
+                        f"max_factor_dim/matrix_view give {len(layout.blocks)}; they cannot change "
+                        "mid-run"
                     )
                 refresh = t >= start and (t - start) % group["precondition_frequency"] == 0
                 for b, block in enumerate(layout.blocks):
@@ -502,12 +516,14 @@ def shampoo(
     start_preconditioning_step: int = 1,
     max_preconditioner_dim: int = 1024,
     max_factor_dim: int = 4096,
+    matrix_view: str = "flatten",
     grafting: Grafting = "adam",
     adamw_lr: float | None = None,
     adamw_betas: tuple[float, float] | None = None,
     adamw_eps: float | None = None,
     adamw_weight_decay: float | None = None,
     routing: Mapping[str, str] | None = None,
+    example_inputs: Any = None,
     on_nonfinite: str = "skip",
     distributed: Distributed = None,
 ) -> Shampoo:
@@ -519,7 +535,9 @@ def shampoo(
     go to Shampoo (vectors and scalars take its diagonal fallback); param-group dicts are passed
     through. The other arguments are :class:`Shampoo`'s.
     """
-    groups = build_groups(target, Shampoo.ALGORITHM, routing, min_ndim=Shampoo.MIN_NDIM)
+    groups, router = plan_groups(
+        target, Shampoo.ALGORITHM, routing, example_inputs=example_inputs
+    )
     return Shampoo(
         groups,
         lr=lr,
@@ -533,6 +551,7 @@ def shampoo(
         start_preconditioning_step=start_preconditioning_step,
         max_preconditioner_dim=max_preconditioner_dim,
         max_factor_dim=max_factor_dim,
+        matrix_view=matrix_view,
         grafting=grafting,
         adamw_lr=adamw_lr,
         adamw_betas=adamw_betas,
@@ -540,6 +559,7 @@ def shampoo(
         adamw_weight_decay=adamw_weight_decay,
         on_nonfinite=on_nonfinite,
         distributed=auto(distributed, target),
+        router=router,
     )
 
 
@@ -557,3 +577,4 @@ SPEC = register(
         routes=True,
     )
 )
+set_policy(Shampoo.ALGORITHM, Shampoo.ROUTING)

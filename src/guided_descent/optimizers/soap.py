@@ -21,8 +21,8 @@ from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     HybridOptimizer,
     adamw_defaults,
-    build_groups,
     mark_refreshed,
+    plan_groups,
     refresh_age,
     warn_failure,
 )
@@ -31,12 +31,16 @@ from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kronecker import compute_dtype, factor_name, kronecker_factor
 from guided_descent.preconditioners.soap import (
     BasisRefresh,
+    MatrixBases,
     initial_bases,
+    matrix_factor,
     permute_rotated_,
     refresh_bases,
     rotated_dims,
     soap_update,
 )
+from guided_descent.preconditioners.views import FLATTEN, matrix_shape, parse_view
+from guided_descent.routing import Router, RoutingPolicy, set_policy
 from guided_descent.transforms.descend import descend_
 
 PREFIX = "soap"
@@ -82,6 +86,10 @@ class SOAP(HybridOptimizer):
         precondition_frequency: Adam steps between eigenbasis refreshes. Default 10.
         max_precond_dim: dimensions longer than this keep the identity basis. Default 10000;
             0 turns SOAP into AdamW.
+        matrix_view: how a parameter is seen (:mod:`guided_descent.preconditioners.views`):
+            ``"flatten"`` (default) rotates it as the tensor it is, one basis per dimension;
+            ``"split:K"`` and ``"batch"`` rotate each of its matrices by bases of its own (routing
+            sets these per group for attention, recurrent and expert weights).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: hyper-parameters of the AdamW groups;
             ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
@@ -105,6 +113,8 @@ class SOAP(HybridOptimizer):
     """
 
     ALGORITHM = "soap"
+    # What this method takes from a model (guided_descent.routing): hidden matrices only.
+    ROUTING = RoutingPolicy()
     STATE_NAME = "SOAP"
     MIN_NDIM = 0
 
@@ -119,12 +129,14 @@ class SOAP(HybridOptimizer):
         shampoo_beta: float | None = None,
         precondition_frequency: int = 10,
         max_precond_dim: int = 10000,
+        matrix_view: str = "flatten",
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] | None = None,
         adamw_eps: float | None = None,
         adamw_weight_decay: float | None = None,
         on_nonfinite: str = "skip",
         distributed: Distributed = None,
+        router: Router | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -134,12 +146,13 @@ class SOAP(HybridOptimizer):
             shampoo_beta=shampoo_beta,
             precondition_frequency=precondition_frequency,
             max_precond_dim=max_precond_dim,
+            matrix_view=matrix_view,
         )
         validate_hyperparams(PREFIX, defaults)
         adamw = adamw_defaults(
             adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, inherit=defaults
         )
-        super().__init__(params, defaults, adamw, on_nonfinite, distributed)
+        super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
 
     def matrix_state(
         self, p: Tensor, group: Mapping[str, Any]
@@ -147,16 +160,17 @@ class SOAP(HybridOptimizer):
         shape = tuple(p.shape)
         keys = ("step", "exp_avg", "exp_avg_sq", FAILURES)
         shapes: dict[str, tuple[int, ...]] = {"exp_avg": shape, "exp_avg_sq": shape}
-        for d in rotated_dims(shape, group["max_precond_dim"]):
-            key = f"{PREFIX}.{factor_name(d, p.dim())}"
-            shapes[key] = shapes[f"{key}.basis"] = (shape[d], shape[d])
+        stack = self._matrices(p, group)
+        for _d, key, n in self._rotations(p, group):
+            factor = (n, n) if stack is None else (stack[0], n, n)
+            shapes[key] = shapes[f"{key}.basis"] = factor
         return keys, shapes
 
     def matrix_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         state = self.state.get(p)
         if not state:
             return {}
-        rotated = bool(self._factor_keys(p, state))
+        rotated = bool(self._factor_keys(p, group, state))
         return {
             "preconditioner": "eigenbasis" if rotated else None,
             "preconditioner_age": refresh_age(state, REFRESHED_AT) if rotated else None,
@@ -165,22 +179,47 @@ class SOAP(HybridOptimizer):
         }
 
     @staticmethod
-    def _init_state(state: dict[str, Any], p: Tensor, dims: tuple[int, ...]) -> None:
+    def _matrices(p: Tensor, group: Mapping[str, Any]) -> tuple[int, int, int] | None:
+        """``(count, m, n)`` when the group's view makes ``p`` a stack of matrices, each with
+        bases of its own; ``None`` for the tensor path (``"flatten"``, or fewer than 2-D)."""
+        view = group.get("matrix_view", FLATTEN)
+        if p.dim() < 2 or parse_view(view)[0] == FLATTEN:
+            return None
+        return matrix_shape(p.shape, view)
+
+    def _rotations(self, p: Tensor, group: Mapping[str, Any]) -> list[tuple[int, str, int]]:
+        """``(dim, state key, length)`` of every rotated dimension. Tensor path: the dimensions
+        of ``p`` (:func:`rotated_dims`); stack path: 1 (rows, "L") and 2 (columns, "R") of the
+        ``(count, m, n)`` view, each when ``2 <= length <= max_precond_dim``."""
+        stack = self._matrices(p, group)
+        limit = group["max_precond_dim"]
+        if stack is None:
+            dims = rotated_dims(tuple(p.shape), limit)
+            return [(d, f"{PREFIX}.{factor_name(d, p.dim())}", p.shape[d]) for d in dims]
+        return [
+            (side, f"{PREFIX}.{name}", stack[side])
+            for side, name in ((1, "L"), (2, "R"))
+            if 1 < stack[side] <= limit
+        ]
+
+    def _init_state(self, state: dict[str, Any], p: Tensor, group: Mapping[str, Any]) -> None:
         dtype = compute_dtype(p.dtype)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         state[FAILURES] = 0
-        for d in dims:
-            n = p.shape[d]
-            key = f"{PREFIX}.{factor_name(d, p.dim())}"
-            state[key] = torch.zeros(n, n, dtype=dtype, device=p.device)
-            state[f"{key}.basis"] = torch.eye(n, dtype=dtype, device=p.device)
+        stack = self._matrices(p, group)
+        lead = () if stack is None else (stack[0],)
+        for _d, key, n in self._rotations(p, group):
+            state[key] = torch.zeros(*lead, n, n, dtype=dtype, device=p.device)
+            eye = torch.eye(n, dtype=dtype, device=p.device)
+            state[f"{key}.basis"] = eye.expand(*lead, n, n).clone()
 
-    @staticmethod
-    def _factor_keys(p: Tensor, state: Mapping[str, Any]) -> list[tuple[int, str]]:
-        keys = [(d, f"{PREFIX}.{factor_name(d, p.dim())}") for d in range(p.dim())]
-        return [(d, key) for d, key in keys if key in state]
+    def _factor_keys(
+        self, p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]
+    ) -> list[tuple[int, str]]:
+        """``(dim, key)`` of the rotated dimensions whose state exists (fixed at creation)."""
+        return [(d, key) for d, key, _n in self._rotations(p, group) if key in state]
 
     def matrix_step(self, group: dict[str, Any]) -> None:
         params = []
@@ -223,36 +262,48 @@ class SOAP(HybridOptimizer):
             grad = raw_grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
             is_new = not state
             if is_new:
-                self._init_state(state, p, rotated_dims(p.shape, group["max_precond_dim"]))
-            factors = self._factor_keys(p, state)
+                self._init_state(state, p, group)
+            factors = self._factor_keys(p, group, state)
+            stack = self._matrices(p, group)
+            if stack is not None:  # (count, m, n) views: one rotation per matrix
+                grad = grad.reshape(stack)
+
+            def statistic(d: int, grad: Tensor = grad, stack: Any = stack) -> Tensor:
+                return kronecker_factor(grad, d) if stack is None else matrix_factor(grad, d)
+
             if is_new and factors:
                 # First gradient: statistics and the first basis only (see the class docstring).
                 for d, key in factors:
-                    state[key].lerp_(kronecker_factor(grad, d), 1.0 - shampoo_beta)
+                    state[key].lerp_(statistic(d), 1.0 - shampoo_beta)
                     fresh.append((p, state, d, key))
                 self._observe(p, update_rms=grad.new_zeros(()))  # it did not move
                 continue
 
             state["step"] += 1
             t = int(state["step"].item())
-            bases: list[Tensor | None] = [None] * p.dim()
-            for d, key in factors:
-                bases[d] = state[f"{key}.basis"]
+            bases: Any
+            if stack is None:
+                bases = [None] * p.dim()
+                for d, key in factors:
+                    bases[d] = state[f"{key}.basis"]
+            else:
+                found = {d: state[f"{key}.basis"] for d, key in factors}
+                bases = MatrixBases(found.get(1), found.get(2))
             update = soap_update(
                 grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
+                state["exp_avg"] if stack is None else state["exp_avg"].view(stack),
+                state["exp_avg_sq"] if stack is None else state["exp_avg_sq"].view(stack),
                 bases,
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
                 step=t,
-            )
+            ).reshape(p.shape)
             self._observe(p, update_rms=rms(update, lr))
             consume(i, update)
             # After the step, so that this gradient is not used to rotate itself.
             for d, key in factors:
-                state[key].lerp_(kronecker_factor(grad, d), 1.0 - shampoo_beta)
+                state[key].lerp_(statistic(d), 1.0 - shampoo_beta)
                 if t % group["precondition_frequency"] == 0:
                     due.append((p, state, d, key))
 
@@ -264,9 +315,11 @@ class SOAP(HybridOptimizer):
         rotated dimension's basis and its factor statistics (``~2 numel n`` each), plus the
         basis refresh amortized over ``precondition_frequency``."""
         cost = float(p.numel())
-        for d in rotated_dims(tuple(p.shape), group["max_precond_dim"]):
-            n = p.shape[d]
-            cost += 10.0 * p.numel() * n + qr_refresh_flops(n) / group["precondition_frequency"]
+        stack = self._matrices(p, group)
+        count = 1 if stack is None else stack[0]
+        for _d, _key, n in self._rotations(p, group):
+            refresh = count * qr_refresh_flops(n) / group["precondition_frequency"]
+            cost += 10.0 * p.numel() * n + refresh
         return cost
 
     def _sharded_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -326,22 +379,42 @@ class SOAP(HybridOptimizer):
             if bool(moved):
                 descend_(local(p), update, lr, group["weight_decay"])
 
+    @staticmethod
+    def _slices(
+        jobs: list[_BasisJob], key_suffix: str = ""
+    ) -> list[tuple[int, int | None, Tensor]]:
+        """``(job, matrix index or None, tensor)`` for the factors (or bases) of ``jobs``: a
+        stacked ``(count, n, n)`` state contributes each of its matrices."""
+        out: list[tuple[int, int | None, Tensor]] = []
+        for j, (_p, state, _d, key) in enumerate(jobs):
+            value = state[key + key_suffix]
+            if value.dim() == 3:
+                out.extend((j, b, value[b]) for b in range(value.shape[0]))
+            else:
+                out.append((j, None, value))
+        return out
+
     def _initial_bases(self, jobs: list[_BasisJob], split: WorkSplit | None) -> None:
         if not jobs:
             return
-        factors = [state[key] for _p, state, _d, key in jobs]
+        slices = self._slices(jobs)
+        factors = [F for _j, _b, F in slices]
         if split is None:
             bases = initial_bases(factors)
         else:
             bases = self._split_initial_bases(factors, split)
         failed: set[int] = set()
-        for (p, state, _d, key), basis in zip(jobs, bases, strict=True):
+        for (j, b, _F), basis in zip(slices, bases, strict=True):
+            p, state, _d, key = jobs[j]
             if basis is None:  # keeps the identity basis it was created with
                 failed.add(id(p))
                 what = f"the eigendecomposition of {key}"
                 warn_failure(PREFIX, state, FAILURES, tuple(p.shape), what)
                 continue
-            state[f"{key}.basis"] = basis
+            if b is None:
+                state[f"{key}.basis"] = basis
+            else:
+                state[f"{key}.basis"][b] = basis
         mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
 
     @staticmethod
@@ -366,22 +439,33 @@ class SOAP(HybridOptimizer):
     def _refresh_bases(self, jobs: list[_BasisJob], split: WorkSplit | None) -> None:
         if not jobs:
             return
-        factors = [state[key] for _p, state, _d, key in jobs]
-        bases = [state[f"{key}.basis"] for _p, state, _d, key in jobs]
+        slices = self._slices(jobs)
+        factors = [F for _j, _b, F in slices]
+        bases = [Q for _j, _b, Q in self._slices(jobs, ".basis")]
         if split is None:
             results = refresh_bases(factors, bases)
         else:
             results = self._split_refresh_bases(factors, bases, split)
         failed: set[int] = set()
-        for (p, state, d, key), result in zip(jobs, results, strict=True):
+        for (j, b, _F), result in zip(slices, results, strict=True):
+            p, state, d, key = jobs[j]
             if not bool(result.ok):
                 failed.add(id(p))
                 what = f"the eigenbasis refresh of {key}"
                 warn_failure(PREFIX, state, FAILURES, tuple(p.shape), what)
                 continue
-            state[f"{key}.basis"] = result.basis
-            permute_rotated_(state["exp_avg_sq"], d, result.order)
-            self.observe_condition(p, key, result.condition)
+            if b is None:
+                state[f"{key}.basis"] = result.basis
+                permute_rotated_(state["exp_avg_sq"], d, result.order)
+                self.observe_condition(p, key, result.condition)
+            else:
+                # Matrix b of a (count, m, n) stack: its basis, and its own rows or columns
+                # (dimension d - 1 of the matrix) of the rotated second moment.
+                state[f"{key}.basis"][b] = result.basis
+                count, n = state[key].shape[0], state[key].shape[-1]
+                shape = (count, n, -1) if d == 1 else (count, -1, n)
+                permute_rotated_(state["exp_avg_sq"].view(shape)[b], d - 1, result.order)
+                self.observe_condition(p, (key, b), result.condition)
         mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
 
     @staticmethod
@@ -423,11 +507,13 @@ def soap(
     shampoo_beta: float | None = None,
     precondition_frequency: int = 10,
     max_precond_dim: int = 10000,
+    matrix_view: str = "flatten",
     adamw_lr: float | None = None,
     adamw_betas: tuple[float, float] | None = None,
     adamw_eps: float | None = None,
     adamw_weight_decay: float | None = None,
     routing: Mapping[str, str] | None = None,
+    example_inputs: Any = None,
     on_nonfinite: str = "skip",
     distributed: Distributed = None,
 ) -> SOAP:
@@ -439,7 +525,9 @@ def soap(
     SOAP (vectors and scalars are plain AdamW inside it); param-group dicts are passed through.
     The other arguments are :class:`SOAP`'s.
     """
-    groups = build_groups(target, SOAP.ALGORITHM, routing, min_ndim=SOAP.MIN_NDIM)
+    groups, router = plan_groups(
+        target, SOAP.ALGORITHM, routing, example_inputs=example_inputs
+    )
     return SOAP(
         groups,
         lr=lr,
@@ -449,12 +537,14 @@ def soap(
         shampoo_beta=shampoo_beta,
         precondition_frequency=precondition_frequency,
         max_precond_dim=max_precond_dim,
+        matrix_view=matrix_view,
         adamw_lr=adamw_lr,
         adamw_betas=adamw_betas,
         adamw_eps=adamw_eps,
         adamw_weight_decay=adamw_weight_decay,
         on_nonfinite=on_nonfinite,
         distributed=auto(distributed, target),
+        router=router,
     )
 
 
@@ -472,3 +562,4 @@ SPEC = register(
         routes=True,
     )
 )
+set_policy(SOAP.ALGORITHM, SOAP.ROUTING)

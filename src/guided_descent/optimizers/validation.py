@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from guided_descent.preconditioners.natural_gradient import OUTPUT_LOSSES
-from guided_descent.preconditioners.orthogonalize import ADJUST_LR, MATRIX_VIEWS
+from guided_descent.preconditioners.orthogonalize import ADJUST_LR
+from guided_descent.preconditioners.views import parse_view
 from guided_descent.transforms.grafting import GRAFTINGS
 
 Check = Callable[[str, Any], None]
@@ -130,6 +131,13 @@ def _eps(owner: str, value: Any) -> None:
     nonneg("eps")(owner, value)
 
 
+def _matrix_view(owner: str, value: Any) -> None:
+    try:
+        parse_view(value)
+    except ValueError as err:
+        raise ValueError(f"{owner}: {err}") from None
+
+
 def _float_dtype(owner: str, value: Any) -> None:
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
         raise ValueError(
@@ -156,7 +164,7 @@ CHECKS: dict[str, Check] = {
     "ns_steps": positive_int("ns_steps"),
     "ns_dtype": _float_dtype,
     "adjust_lr": one_of("adjust_lr", ADJUST_LR),
-    "matrix_view": one_of("matrix_view", MATRIX_VIEWS),
+    "matrix_view": _matrix_view,
     # Shampoo and SOAP
     "precondition_frequency": positive_int("precondition_frequency"),
     "start_preconditioning_step": positive_int("start_preconditioning_step"),

@@ -14,14 +14,12 @@ The EMA form of the buffer differs from the summed form ``M = mu M + g`` only by
 factor ``1 - mu``, which the Frobenius normalization inside Newton–Schulz removes; the EMA is what
 ``torch.optim.Muon`` keeps under the same state name, so their buffers are interchangeable.
 
-**Which matrices.** A 2-D parameter ``(m, n)`` is one matrix. For 3-D and larger parameters the
-param group's ``matrix_view`` decides, because the shape alone cannot (a ``Conv1d`` kernel
-``(out, in, k)`` and a stack of ``E`` expert matrices ``(E, m, n)`` are both 3-D):
-
-* ``"flatten"`` (default) -- a convolution kernel ``(out, in, *kernel)``: one matrix
-  ``(out, in·prod(kernel))``, rows are output channels (Jordan et al.'s convention);
-* ``"batch"`` -- a stack of matrices ``(..., m, n)``: every leading index is a separate matrix,
-  orthogonalized and scaled on its own.
+**Which matrices.** A 2-D parameter ``(m, n)`` is one matrix. Otherwise the param group's
+``matrix_view`` decides (:mod:`guided_descent.preconditioners.views`): ``"flatten"`` (default)
+makes a convolution kernel ``(out, in, *kernel)`` one ``(out, in·prod(kernel))`` matrix (Jordan et
+al.'s convention), ``"batch"`` a stack ``(..., m, n)`` separate matrices, and ``"split:K"`` the
+rows ``K`` stacked matrices (Q, K and V of a packed attention projection, a GRU's gates). Each
+matrix is orthogonalized and scaled on its own.
 
 **Scaling.** ``U Vᵀ`` has ``min(m, n)`` singular values equal to 1, so its entries' RMS is
 ``1/sqrt(max(m, n))`` (Newton–Schulz's output: about that); ``scale(m, n)`` sets the update size
@@ -52,12 +50,23 @@ from guided_descent.linalg.newton_schulz import (
     default_compute_dtype,
     newton_schulz,
 )
+from guided_descent.preconditioners.views import matrix_shape
 from guided_descent.transforms.descend import step_rms
 
+__all__ = [
+    "ADJUST_LR",
+    "AdjustLR",
+    "MatrixView",
+    "matrix_shape",
+    "momentum_direction",
+    "muon_update",
+    "orthogonalize",
+    "shape_scale",
+]
+
 AdjustLR = Literal["original", "match_rms_adamw"]
-MatrixView = Literal["flatten", "batch"]
 ADJUST_LR: tuple[str, ...] = get_args(AdjustLR)
-MATRIX_VIEWS: tuple[str, ...] = get_args(MatrixView)
+MatrixView = str  # "flatten", "batch" or "split:K": see guided_descent.preconditioners.views
 
 
 def momentum_direction(grad: Tensor, buf: Tensor, momentum: float, nesterov: bool) -> Tensor:
@@ -68,18 +77,6 @@ def momentum_direction(grad: Tensor, buf: Tensor, momentum: float, nesterov: boo
     """
     buf.lerp_(grad, 1.0 - momentum)
     return grad.lerp(buf, momentum) if nesterov else buf
-
-
-def matrix_shape(shape: Sequence[int], view: MatrixView) -> tuple[int, int, int]:
-    """``(count, m, n)``: how a parameter of ``shape`` is seen as ``count`` matrices ``(m, n)``."""
-    shape = tuple(shape)
-    if len(shape) < 2:
-        raise ValueError(f"Muon needs parameters with >= 2 dimensions, got shape {shape}")
-    if view == "flatten":
-        return 1, shape[0], math.prod(shape[1:])
-    if view == "batch":
-        return math.prod(shape[:-2]), shape[-2], shape[-1]
-    raise ValueError(f"matrix_view must be one of {MATRIX_VIEWS}, got {view!r}")
 
 
 def shape_scale(m: int, n: int, adjust_lr: AdjustLR) -> float:

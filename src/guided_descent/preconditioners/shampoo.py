@@ -51,6 +51,7 @@ from guided_descent.preconditioners.kronecker import (
     mode_product,
     size_buckets,
 )
+from guided_descent.preconditioners.views import FLATTEN, block_lengths
 
 FactorKind = Literal["full", "diagonal", "skip"]
 FULL: FactorKind = "full"
@@ -111,20 +112,40 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def _cuts(n: int, piece: int, size: int) -> list[slice]:
+    """Chunks of ``range(n)``: first pieces of length ``piece`` (a view's matrices), then each
+    piece in chunks of at most ``size`` -- so that no chunk straddles two pieces."""
+    return [
+        slice(start + s.start, start + s.stop)
+        for start in range(0, n, piece)
+        for s in _chunks(min(piece, n - start), size)
+    ]
+
+
 @functools.lru_cache(maxsize=1024)
 def shampoo_layout(
-    shape: tuple[int, ...], max_preconditioner_dim: int, max_factor_dim: int
+    shape: tuple[int, ...],
+    max_preconditioner_dim: int,
+    max_factor_dim: int,
+    view: str = FLATTEN,
 ) -> ShampooLayout:
-    """The blocks of a parameter of ``shape`` (cached: it depends on the shape and limits only)."""
+    """The blocks of a parameter of ``shape`` (cached: it depends on the shape and limits only).
+
+    ``view`` (:mod:`guided_descent.preconditioners.views`): ``"flatten"`` blocks the parameter as
+    the tensor it is; ``"split:K"`` and ``"batch"`` first cut it into the view's matrices, so that
+    each matrix (Q, K, V; a gate; an expert) gets preconditioners of its own.
+    """
     if max_preconditioner_dim < 1 or max_factor_dim < 1:
         raise ValueError(
             f"max_preconditioner_dim and max_factor_dim must be >= 1, got "
             f"{max_preconditioner_dim!r} and {max_factor_dim!r}"
         )
-    # Only dimensions that get a dense factor are cut; a diagonal factor has no size problem.
+    pieces = block_lengths(shape, view) if len(shape) >= 2 else tuple(shape)
+    # Only dimensions that get a dense factor are cut by size; a diagonal factor has no size
+    # problem (but a view's pieces still separate its matrices).
     per_dim = [
-        _chunks(n, max_preconditioner_dim) if 1 < n <= max_factor_dim else [slice(0, n)]
-        for n in shape
+        _cuts(n, piece, max_preconditioner_dim if 1 < n <= max_factor_dim else max(n, 1))
+        for n, piece in zip(shape, pieces, strict=True)
     ]
     blocks = []
     for index in itertools.product(*per_dim):

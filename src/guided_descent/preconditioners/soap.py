@@ -45,21 +45,50 @@ def rotated_dims(shape: Sequence[int], max_precond_dim: int) -> tuple[int, ...]:
     return tuple(i for i, n in enumerate(shape) if 1 < n <= max_precond_dim)
 
 
-def project(x: Tensor, bases: Sequence[Tensor | None]) -> Tensor:
-    """Into the eigenbasis: ``x ×_i Q_iᵀ`` (``None``: identity). Matrix: ``Q_Lᵀ x Q_R``."""
+class MatrixBases(NamedTuple):
+    """Bases of a stack of matrices ``(count, m, n)``, one pair per matrix: ``left``
+    ``(count, m, m)`` and ``right`` ``(count, n, n)``, ``None`` for the identity. SOAP uses them
+    for parameters seen as several matrices (``"split:K"``, ``"batch"`` views)."""
+
+    left: Tensor | None
+    right: Tensor | None
+
+
+Bases = Sequence[Tensor | None] | MatrixBases
+
+
+def project(x: Tensor, bases: Bases) -> Tensor:
+    """Into the eigenbasis: ``x ×_i Q_iᵀ`` (``None``: identity). Matrix: ``Q_Lᵀ x Q_R``.
+
+    With :class:`MatrixBases`, ``x`` is ``(count, m, n)`` and every matrix is rotated by its own
+    pair (a batched product)."""
+    if isinstance(bases, MatrixBases):
+        if bases.left is not None:
+            x = bases.left.mT @ x
+        return x if bases.right is None else x @ bases.right
     return mode_product(x, bases, transpose=True)
 
 
-def project_back(x: Tensor, bases: Sequence[Tensor | None]) -> Tensor:
+def project_back(x: Tensor, bases: Bases) -> Tensor:
     """Out of the eigenbasis: ``x ×_i Q_i``. Matrix: ``Q_L x Q_Rᵀ``."""
+    if isinstance(bases, MatrixBases):
+        if bases.left is not None:
+            x = bases.left @ x
+        return x if bases.right is None else x @ bases.right.mT
     return mode_product(x, bases)
+
+
+def matrix_factor(x: Tensor, side: int) -> Tensor:
+    """The factor of each matrix of a stack ``x`` ``(count, m, n)``: ``x xᵀ`` ``(count, m, m)``
+    for ``side`` 1 (rows, "L"), ``xᵀ x`` ``(count, n, n)`` for ``side`` 2 (columns, "R")."""
+    return x @ x.mT if side == 1 else x.mT @ x
 
 
 def soap_update(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    bases: Sequence[Tensor | None],
+    bases: Bases,
     *,
     beta1: float,
     beta2: float,
@@ -69,8 +98,9 @@ def soap_update(
     """Update both moments in place and return the direction ``N`` (module docstring).
 
     ``grad``, ``exp_avg`` (original space) and ``exp_avg_sq`` (rotated space) share one shape and
-    dtype; ``step`` is the 1-based count of Adam updates including this one. Bias correction and
-    ``eps`` are placed as in ``torch.optim.AdamW``, so with identity bases the result is its step.
+    dtype (``(count, m, n)`` with :class:`MatrixBases`); ``step`` is the 1-based count of Adam
+    updates including this one. Bias correction and ``eps`` are placed as in
+    ``torch.optim.AdamW``, so with identity bases the result is its step.
     """
     rotated_grad = project(grad, bases)
     exp_avg.lerp_(grad, 1.0 - beta1)
