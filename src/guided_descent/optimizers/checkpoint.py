@@ -97,6 +97,8 @@ def restore_tag(optimizer: Any, tag: Mapping[str, Any]) -> None:
         check_tag(optimizer.STATE_NAME, tag)
     optimizer._steps = int(tag.get("steps", 0))
     optimizer._skipped_steps = int(tag.get("skipped_steps", 0))
+    if getattr(optimizer, "_counters", None) is not None:
+        optimizer._counters.zero_()  # steps counted on the device belong to the replaced run
     optimizer._last_skip = None
     optimizer._observed = {}
     optimizer._load_extra_tag(tag)

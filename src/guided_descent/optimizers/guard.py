@@ -26,6 +26,23 @@ Measured on the 2-core CPU, one thread, a 3-layer MLP, batch 64: +23 us per step
 parameters (an SGD step 21 -> 44 us, a whole training step 218 -> 269 us), +70 us with 285k
 parameters (training step 1.28 -> 1.38 ms). ``"off"`` costs nothing over plain torch.
 
+**Sync-free skip.** The host check above costs a device sync per step. Lion, Muon, Shampoo,
+SOAP and the AdamW groups of the matrix methods (:attr:`GuardedOptimizer.MASKED_SKIP`) can
+instead decide on the device: a 0-d bool flag (one max-norm per bucket of gradients; NaN and Inf
+propagate, and a max cannot overflow), the update computed anyway and committed with
+``where(flag, new, old)`` to every parameter and state tensor, so a skipped step leaves them
+bit-identical all the same. Skips are counted on the device and read by the host when it next
+looks (``diagnostics()``, ``state_dict()``), which is also when the warning is issued; it cannot
+name the parameters. Host-side schedules (Shampoo's and SOAP's refreshes)
+count the steps *attempted* in this mode: a refresh due on a skipped step is skipped with it.
+This is how a step runs on accelerators and under ``torch.compile`` (``opt.sync_free = None``,
+the default); ``opt.sync_free = True`` / ``False`` forces either. ``"raise"`` always decides on
+the host; so do K-FAC, natural gradient and torch's own classes, and the matrix methods when
+their work is split between ranks. Under ``torch.compile(opt.step, fullgraph=True)`` the
+preconditioner refreshes run as opaque operators (:mod:`guided_descent.preconditioners.refresh`)
+and a few graphs are compiled (first step, refresh and plain steps); diagnostics that are
+Python attributes (the last update's RMS, conditions) may lag behind.
+
 **A versioned state dict.** ``state_dict()`` adds the tag described in
 :mod:`guided_descent.optimizers.checkpoint` (format, optimizer name, step and skip counters);
 ``load_state_dict()`` first checks that the state dict fits and raises
@@ -138,6 +155,14 @@ class GuardedOptimizer:
     _last_skip: dict[str, Any] | None = None
     _warned_skip: bool = False
     _observed: dict[Tensor, dict[str, Any]] | None = None
+    # Device-side skips (see "Sync-free skip" in the module docstring): which classes can take a
+    # flag instead of a host decision, the user's choice (None: automatic), and what the device
+    # has counted but the host has not read yet.
+    MASKED_SKIP: ClassVar[bool] = False
+    sync_free: bool | None = None
+    _counters: Tensor | None = None  # (2,) int64 on the device: [steps attempted, skipped]
+    _sync_free_step: bool = False
+    _on_accelerator: bool | None = None
 
     # Provided by torch.optim.Optimizer.
     param_groups: list[dict[str, Any]]
@@ -162,6 +187,22 @@ class GuardedOptimizer:
             with torch.enable_grad():
                 loss = closure()
         self._before_update()
+        sync_free = self._decide_on_device()
+        self._sync_free_step = sync_free
+        if sync_free:
+            ok = self._finite_flag() if self.on_nonfinite == "skip" else None
+            if not torch.compiler.is_compiling():
+                self._place_counters(ok)
+            self._update(ok) if ok is not None else self._update()
+            # Counted on the device (a compiled step drops changes to Python attributes of an
+            # optimizer, but keeps in-place changes to its tensors); the host reads them later.
+            counters = self._counters
+            if counters is not None:
+                skipped = torch.zeros((), dtype=torch.int64, device=counters.device)
+                if ok is not None:
+                    skipped = (~ok).to(device=counters.device, dtype=torch.int64)
+                counters.add_(torch.stack([torch.ones_like(skipped), skipped]))
+            return loss
         if self.on_nonfinite != "off" and not self._gradients_are_finite():
             return loss
         self._update()
@@ -169,8 +210,95 @@ class GuardedOptimizer:
         return loss
 
     def _update(self) -> None:
-        """The update rule, from ``p.grad`` (the closure has run already)."""
+        """The update rule, from ``p.grad`` (the closure has run already).
+
+        Classes with :attr:`MASKED_SKIP` take ``ok``, a 0-d bool tensor: apply the update where it
+        is true and leave parameters and every state tensor bit-identical where it is false."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ sync-free
+
+    def _decide_on_device(self) -> bool:
+        """Whether this step decides on device (no host sync) or on the host."""
+        if not self.MASKED_SKIP or self.on_nonfinite == "raise" or not self._can_mask():
+            return False
+        if self.sync_free is not None:
+            return bool(self.sync_free)
+        if torch.compiler.is_compiling():
+            return True
+        if self._on_accelerator is None:
+            self._on_accelerator = any(
+                p.device.type != "cpu" for g in self.param_groups for p in g["params"]
+            )
+        return self._on_accelerator
+
+    def _can_mask(self) -> bool:
+        """Whether the coming update can honour a device flag (a subclass may say no for some
+        configurations, e.g. sharded parameters); then the step decides on the host."""
+        return True
+
+    def _finite_flag(self) -> Tensor | None:
+        """A 0-d bool tensor: every gradient is finite. No host sync.
+
+        One max-norm per (device, dtype) bucket (NaN and Inf propagate; it cannot overflow the way
+        a 2-norm of huge finite values can), combined on the first gradient's device. Under FSDP2
+        one all-reduce (MIN) over the shards' process group makes every rank take the same
+        decision, still without a sync."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for g in grads:
+            v = _finite_values(local(g))
+            buckets[(v.device, v.dtype)].append(v)
+        device = local(grads[0]).device
+        flags = [
+            torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all().to(device)
+            for ts in buckets.values()
+        ]
+        ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        group = next((g.device_mesh.get_group() for g in grads if is_dtensor(g)), None)
+        if group is not None and dist.get_world_size(group) > 1:
+            flag = ok.to(torch.float32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            ok = flag > 0
+        return ok
+
+    def _place_counters(self, ok: Tensor | None) -> None:
+        """Create (or move) the device counters of sync-free steps, where the steps run."""
+        device = ok.device if ok is not None else next(
+            (p.device for g in self.param_groups for p in g["params"]), torch.device("cpu")
+        )
+        if self._counters is None:
+            self._counters = torch.zeros(2, dtype=torch.int64, device=device)
+        elif self._counters.device != device:
+            self._read_device_counts()
+            self._counters = self._counters.to(device)
+
+    def _read_device_counts(self, block: bool = True) -> None:
+        """Fold the device's counts of sync-free steps into the host counters (a sync when
+        ``block``; without, only when the counts are already on the host side: CPU tensors)."""
+        counters = self._counters
+        if counters is None or (not block and counters.device.type != "cpu"):
+            return
+        attempted, skipped = (int(x) for x in counters.tolist())
+        if not attempted:
+            return
+        counters.zero_()
+        self._steps += attempted - skipped
+        if not skipped:
+            return
+        self._skipped_steps += skipped
+        self._last_skip = {"step": None, "params": []}  # a device decision names no parameter
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                f"{self.STATE_NAME}: skipped {skipped} step(s) with non-finite gradients (decided "
+                "on the device); parameters and state are unchanged. Further skips are counted, "
+                "not warned: see optimizer.diagnostics()['skipped_steps']",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _before_update(self) -> None:
         """Work a subclass must do once the closure has run, before any check or update."""
@@ -236,6 +364,7 @@ class GuardedOptimizer:
     # ------------------------------------------------------------------------------ state
 
     def __getstate__(self) -> dict[str, Any]:
+        self._read_device_counts()
         state = super().__getstate__()  # type: ignore[misc]
         state.update(
             on_nonfinite=self.on_nonfinite,
@@ -252,6 +381,7 @@ class GuardedOptimizer:
         """Restore what :meth:`_extra_tag` saved (``tag`` is empty for untagged state dicts)."""
 
     def state_dict(self) -> dict[str, Any]:
+        self._read_device_counts()
         state_dict = super().state_dict()  # type: ignore[misc]
         state_dict[STATE_KEY] = {
             "format": STATE_FORMAT,
@@ -307,6 +437,7 @@ class GuardedOptimizer:
         parameter's last update from state; one host sync per device. Call it at logging
         intervals, after ``step()`` (before ``zero_grad()`` for rules that need the gradient).
         """
+        self._read_device_counts()
         entries: list[dict[str, Any]] = []
         index = 0
         for g, group in enumerate(self.param_groups):

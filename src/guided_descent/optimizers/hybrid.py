@@ -60,6 +60,7 @@ from guided_descent.routing import (
     policy_for,
     split_by_ndim,
 )
+from guided_descent.transforms.masking import bias_correction, commit_, count_
 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 _ADAMW_GROUP_KEYS = {*ADAMW_KEYS, "params", "algorithm"}
@@ -198,11 +199,42 @@ def mark_refreshed(
 
 
 def refresh_age(state: Mapping[str, Any], key: str) -> int | None:
-    """Steps since the last complete refresh recorded under ``state[key]`` (``None``: never)."""
+    """Steps since the last complete refresh recorded under ``state[key]`` (``None``: never).
+
+    A sync-free step records it as a tensor, -1 before the first complete refresh."""
     refreshed = state.get(key)
-    if refreshed is None or "step" not in state:
+    if refreshed is None or "step" not in state or int(refreshed) < 0:
         return None
     return int(state["step"]) - int(refreshed)
+
+
+def mark_refreshed_on_device(
+    done: Iterable[tuple[Tensor, dict[str, Any], Tensor]], key: str
+) -> None:
+    """:func:`mark_refreshed` for a sync-free step: ``done`` holds (parameter, state, committed)
+    per result, ``committed`` a 0-d bool tensor; ``state[key]`` becomes the step tensor where all
+    of a parameter's results were committed (-1 before any complete refresh)."""
+    merged: dict[int, tuple[dict[str, Any], Tensor]] = {}
+    for p, state, committed in done:
+        if id(p) in merged:
+            committed = committed & merged[id(p)][1]
+        merged[id(p)] = (state, committed)
+    for state, committed in merged.values():
+        step = state["step"].to(torch.int64)
+        before = state.get(key)
+        if not isinstance(before, Tensor):
+            before = torch.full_like(step, -1 if before is None else int(before))
+        state[key] = torch.where(committed, step, before)
+
+
+def counter(state: dict[str, Any], key: str) -> Tensor:
+    """``state[key]`` as a 0-d int64 tensor on the step's device, converted in place from the
+    host int an older state dict may hold (so that a sync-free step can add to it)."""
+    value = state[key]
+    if not isinstance(value, Tensor):
+        device = state["step"].device if isinstance(state.get("step"), Tensor) else None
+        value = state[key] = torch.tensor(int(value), dtype=torch.int64, device=device)
+    return value
 
 
 class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
@@ -239,6 +271,7 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
         # Kept out of param_groups: a process group is neither a hyper-parameter nor picklable.
         self.work_split = resolve(distributed)
         super().__init__(params, {**defaults, "algorithm": self.ALGORITHM})
+        self._place_counters(None)  # before any compiled step, which could not create them
         self.router = router
         if router is not None:
             if router.final:
@@ -414,6 +447,10 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
         """Diagnostics of a parameter of a matrix group beyond the recorded update RMS."""
         return {}
 
+    def restore_counts(self, p: Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
+        """Fill the host-side counters (``state["calls"]``) of a state loaded from a state dict
+        saved before they existed; methods without such counters do nothing."""
+
     def observe_condition(self, p: Tensor, factor: Hashable, condition: Tensor) -> None:
         """Keep the condition number of one of ``p``'s factors from its latest refresh."""
         conditions = self._observation(p).get("conditions", {})
@@ -442,8 +479,11 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
                 continue
             state = self.state[p]
             for key, value in state_dict["state"][saved_id].items():
-                if key != "step":
-                    state[key] = _saved_copy(value, p.device)
+                # The step too: a sync-free step updates it on the parameter's device.
+                state[key] = _saved_copy(value, p.device)
+            if "calls" not in state:
+                # Saved before the host kept its own count of steps: derive it from the state.
+                self.restore_counts(p, group, state)
 
     def _follow_saved_routing(self, state_dict: Mapping[str, Any]) -> None:
         """Give the groups the membership the state dict was saved with, by parameter name.
@@ -475,27 +515,67 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
             {n: self._group_key(g) for g in self.param_groups for n in g["param_names"]}
         )
 
+    def _can_mask(self) -> bool:
+        # The work split between ranks and the FSDP2 owner protocol read results on the host.
+        if self.work_split is not None:
+            return False
+        return not any(is_dtensor(p) for g in self.param_groups for p in g["params"])
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Create the missing state of ``group``'s parameters that have a gradient.
+
+        Under ``torch.compile`` dynamo runs a method of this name eagerly instead of tracing it
+        (as for torch's own optimizers), so that state tensors are real tensors rather than
+        values created inside the compiled graph -- inductor has mis-compiled an EMA started from
+        in-graph zeros (``zeros.lerp(a @ b, w)`` gave ``a @ b``). Sync-free steps call it first.
+        """
+        for p in group["params"]:
+            if p.grad is None or self.state.get(p):
+                continue
+            if group["algorithm"] == FALLBACK:
+                self._init_adamw_state(p)
+            else:
+                self.init_matrix_state(p, group)
+
+    def init_matrix_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
+        """Create the state of ``p`` in a matrix group (see :meth:`_init_group`)."""
+
+    def _init_adamw_state(self, p: Tensor) -> None:
+        state = self.state[p]
+        # torch's convention: a CPU step for its CPU kernels, on the device for the fused kernel
+        # that a sync-free step uses on accelerators.
+        device = p.device if p.device.type != "cpu" else None
+        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     @torch.no_grad()
-    def _update(self) -> None:
+    def _update(self, ok: Tensor | None = None) -> None:
+        if self._sync_free_step:
+            for group in self.param_groups:
+                self._init_group(group)
         for group in self.param_groups:
             if group["algorithm"] == FALLBACK:
-                self._adamw_step(group)
+                self._adamw_step(group, ok)
+            elif ok is None:
+                self.matrix_step(group)  # a subclass without MASKED_SKIP takes no flag
             else:
-                self.matrix_step(group)
+                self.matrix_step(group, ok)
 
-    def matrix_step(self, group: dict[str, Any]) -> None:
+    def matrix_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
+        """One step of the matrix method on ``group``; with ``ok`` (a 0-d bool tensor), only
+        where it is true, leaving parameters and state bit-identical otherwise (no host sync).
+        Only subclasses that set :attr:`MASKED_SKIP` are given ``ok``."""
         raise NotImplementedError
 
-    def _adamw_step(self, group: dict[str, Any]) -> None:
+    def _adamw_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self._init_adamw_state(p)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -504,6 +584,21 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
         if not params:
             return
         beta1, beta2 = group["betas"]
+        hyper = dict(
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+        )
+        if ok is not None and torch.compiler.is_compiling():
+            # torch does not trace its fused kernel; the same arithmetic, kept where ok.
+            _masked_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, ok, **hyper)
+            return
+        # A sync-free step uses torch's fused kernel, which skips the whole update -- moments,
+        # parameters and the step count -- on its device when found_inf is set (as GradScaler
+        # does); a host-decided step uses torch.optim.AdamW's default kernel, exactly.
+        masked = ok is not None
         torch_adamw(
             params,
             grads,
@@ -511,11 +606,38 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
             exp_avg_sqs,
             [],
             steps,
+            fused=True if masked else None,
+            found_inf=(~ok).to(torch.float32) if masked else None,
             amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
             maximize=False,
+            **hyper,
         )
+
+
+def _masked_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    ok: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+) -> None:
+    """AdamW's update (``torch.optim.AdamW``'s formula) committed only where ``ok``: the path a
+    compiled sync-free step takes, since torch does not trace its fused kernel."""
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        count_(step, ok)
+        new_m = m.lerp(g, 1.0 - beta1)
+        new_v = v.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
+        bias1 = bias_correction(beta1, step)
+        bias2 = bias_correction(beta2, step)
+        denom = (new_v.sqrt() / bias2.sqrt()).add_(eps)
+        new_p = p.mul(1.0 - lr * weight_decay) - lr * (new_m / bias1) / denom
+        commit_(m, new_m, ok)
+        commit_(v, new_v, ok)
+        commit_(p, new_p, ok)

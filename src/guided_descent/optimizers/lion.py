@@ -24,6 +24,7 @@ from torch import Tensor
 from guided_descent.optimizers.guard import GuardedOptimizer
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.transforms.descend import step_rms
+from guided_descent.transforms.masking import commit_
 
 
 def lion(
@@ -37,15 +38,18 @@ def lion(
     weight_decay: float,
     maximize: bool = False,
     foreach: bool = False,
+    ok: Tensor | None = None,
 ) -> list[Tensor]:
     """Apply one Lion step in place to ``params`` and ``exp_avgs`` (functional form).
 
     Returns the RMS of each parameter's step ``lr · sign(c)`` (weight decay excluded) as 0-d
     tensors: ``lr`` times the square root of the fraction of non-zero signs, for diagnostics.
+    ``ok`` (a 0-d bool tensor) commits the step only where it is true, leaving parameters and
+    buffers bit-identical otherwise, without a host sync (:func:`~..transforms.masking.commit_`).
     """
     if foreach:
-        return _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
-    return _lion_single(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize)
+        return _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok)
+    return _lion_single(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok)
 
 
 def _step_rms(sign_norm: Tensor, numel: int, lr: float) -> Tensor:
@@ -55,23 +59,28 @@ def _step_rms(sign_norm: Tensor, numel: int, lr: float) -> Tensor:
 
 
 def _lion_single(
-    params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize
+    params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok=None
 ) -> list[Tensor]:
     norms = []
     for p, g, m in zip(params, grads, exp_avgs, strict=True):
         if maximize:
             g = -g
         c = m.lerp(g, 1.0 - beta1)  # beta1*m + (1-beta1)*g, a fresh buffer
-        if weight_decay != 0.0:
-            p.mul_(1.0 - lr * weight_decay)
-        p.add_(c.sign_(), alpha=-lr)
-        m.lerp_(g, 1.0 - beta2)
+        if ok is None:
+            if weight_decay != 0.0:
+                p.mul_(1.0 - lr * weight_decay)
+            p.add_(c.sign_(), alpha=-lr)
+            m.lerp_(g, 1.0 - beta2)
+        else:  # the same arithmetic out of place, kept only where ok
+            new = p.mul(1.0 - lr * weight_decay) if weight_decay != 0.0 else p
+            commit_(p, new.add(c.sign_(), alpha=-lr), ok)
+            commit_(m, m.lerp(g, 1.0 - beta2), ok)
         norms.append(step_rms(c, lr))
     return norms
 
 
 def _lion_foreach(
-    params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize
+    params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok=None
 ) -> list[Tensor]:
     # _foreach kernels need one device and dtype per call.
     buckets: dict[tuple, list[int]] = defaultdict(list)
@@ -86,10 +95,18 @@ def _lion_foreach(
             gs = torch._foreach_neg(gs)
         cs = torch._foreach_lerp(ms, gs, 1.0 - beta1)
         torch._foreach_sign_(cs)
-        if weight_decay != 0.0:
-            torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
-        torch._foreach_add_(ps, cs, alpha=-lr)
-        torch._foreach_lerp_(ms, gs, 1.0 - beta2)
+        if ok is None:
+            if weight_decay != 0.0:
+                torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+            torch._foreach_add_(ps, cs, alpha=-lr)
+            torch._foreach_lerp_(ms, gs, 1.0 - beta2)
+        else:  # the same arithmetic out of place, kept only where ok
+            news = torch._foreach_mul(ps, 1.0 - lr * weight_decay)
+            torch._foreach_add_(news, cs, alpha=-lr)
+            for p, new in zip(ps, news, strict=True):
+                commit_(p, new, ok)
+            for m, new in zip(ms, torch._foreach_lerp(ms, gs, 1.0 - beta2), strict=True):
+                commit_(m, new, ok)
         for i, norm in zip(idx, torch._foreach_norm(cs, 2.0), strict=True):
             norms[i] = _step_rms(norm, params[i].numel(), lr)
     return norms  # type: ignore[return-value]  # every index was filled by its bucket
@@ -114,6 +131,7 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
     """
 
     STATE_NAME = "Lion"
+    MASKED_SKIP = True
 
     def __init__(
         self,
@@ -132,15 +150,25 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
             lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach
         )
         super().__init__(params, defaults)
+        self._place_counters(None)  # before any compiled step, which could not create them
 
     def expected_state(
         self, p: Tensor, group: Mapping[str, Any]
     ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
         return ("exp_avg",), {"exp_avg": tuple(p.shape)}
 
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Create the missing momentum of ``group``'s parameters that have a gradient; dynamo runs
+        a method of this name eagerly under ``torch.compile`` (see ``HybridOptimizer``)."""
+        for p in group["params"]:
+            if p.grad is not None and not self.state.get(p):
+                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     @torch.no_grad()
-    def _update(self) -> None:
+    def _update(self, ok: Tensor | None = None) -> None:
         for group in self.param_groups:
+            if self._sync_free_step:
+                self._init_group(group)
             params, grads, exp_avgs = [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -169,6 +197,7 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
                 foreach=foreach,
+                ok=ok,
             )
             for p, value in zip(params, step_rms, strict=True):
                 self._observe(p, update_rms=value)

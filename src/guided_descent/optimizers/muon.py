@@ -124,6 +124,7 @@ class Muon(HybridOptimizer):
     ALGORITHM = "muon"
     # What this method takes from a model (guided_descent.routing): hidden matrices only.
     ROUTING = RoutingPolicy()
+    MASKED_SKIP = True  # takes a device-side flag: see guard's "Sync-free skip"
     STATE_NAME = "Muon"
 
     def __init__(
@@ -173,7 +174,7 @@ class Muon(HybridOptimizer):
             param_group = {**param_group, "ns_coefficients": coefficients}
         super().add_param_group(param_group)
 
-    def matrix_step(self, group: dict[str, Any]) -> None:
+    def matrix_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
         params, grads, buffers = [], [], []
         for p in group["params"]:
             if p.grad is None:
@@ -221,6 +222,7 @@ class Muon(HybridOptimizer):
             ns_coefficients=group["ns_coefficients"],
             ns_dtype=group["ns_dtype"],
             orthogonalizer=orthogonalizer,
+            ok=ok,
         )
         for p, value in zip(params, updates_rms, strict=True):
             self._observe(p, update_rms=value)
@@ -310,6 +312,9 @@ class Muon(HybridOptimizer):
                 target.mul_(1.0 - lr * weight_decay)
             target.add_(o, alpha=-size)  # as muon_update: one rounding into p's dtype
             self._observe(p, update_rms=extra[0])
+
+    def init_matrix_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
+        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def matrix_state(
         self, p: Tensor, group: Mapping[str, Any]

@@ -23,7 +23,9 @@ from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     HybridOptimizer,
     adamw_defaults,
+    counter,
     mark_refreshed,
+    mark_refreshed_on_device,
     plan_groups,
     refresh_age,
     warn_failure,
@@ -31,6 +33,7 @@ from guided_descent.optimizers.hybrid import (
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kronecker import compute_dtype, factor_name
+from guided_descent.preconditioners.refresh import flagged_inverse_roots
 from guided_descent.preconditioners.shampoo import (
     FULL,
     InverseRoot,
@@ -50,6 +53,7 @@ from guided_descent.transforms.grafting import (
     diagonal_update,
     graft,
 )
+from guided_descent.transforms.masking import bias_correction, commit_, count_
 
 PREFIX = "shampoo"
 FAILURES = f"{PREFIX}.failures"
@@ -140,6 +144,7 @@ class Shampoo(HybridOptimizer):
     ALGORITHM = "shampoo"
     # What this method takes from a model (guided_descent.routing): hidden matrices only.
     ROUTING = RoutingPolicy()
+    MASKED_SKIP = True  # takes a device-side flag: see guard's "Sync-free skip"
     STATE_NAME = "Shampoo"
     MIN_NDIM = 0
 
@@ -227,10 +232,13 @@ class Shampoo(HybridOptimizer):
 
     def _init_state(self, state: dict[str, Any], p: Tensor, layout: ShampooLayout) -> None:
         dtype = compute_dtype(p.dtype)
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        # On the parameter's device, so that a sync-free step updates it there (a CPU tensor
+        # for CPU parameters, as before).
+        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
         state[f"{PREFIX}.exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         state[f"{PREFIX}.graft_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        state[FAILURES] = 0
+        state[FAILURES] = torch.zeros((), dtype=torch.int64, device=p.device)
+        state["calls"] = 0  # steps attempted, counted on the host (the refresh schedule)
         if not layout.preconditioned:
             return
         per_block = [
@@ -243,10 +251,13 @@ class Shampoo(HybridOptimizer):
             state[name] = factors
             state[f"{name}.inv_root"] = identity_roots(factors)
 
+    def init_matrix_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
+        self._init_state(self.state[p], p, self._layout(p, group))
+
     def _factor_keys(self, p: Tensor) -> list[str]:
         return [f"{PREFIX}.{factor_name(dim, p.dim())}" for dim in range(p.dim())]
 
-    def matrix_step(self, group: dict[str, Any]) -> None:
+    def matrix_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
         params = []
         for p in group["params"]:
             if p.grad is None:
@@ -260,9 +271,9 @@ class Shampoo(HybridOptimizer):
         if plain:
 
             def apply(i: int, update: Tensor) -> None:
-                descend_(plain[i], update, lr, group["weight_decay"])
+                descend_(plain[i], update, lr, group["weight_decay"], ok)
 
-            self._updates(group, [(p, p.grad) for p in plain], self.work_split, apply)
+            self._updates(group, [(p, p.grad) for p in plain], self.work_split, apply, ok)
         if sharded:
             self._sharded_step(group, sharded)
 
@@ -272,10 +283,16 @@ class Shampoo(HybridOptimizer):
         items: list[tuple[Tensor, Tensor]],
         split: WorkSplit | None,
         consume: Callable[[int, Tensor], None],
+        ok: Tensor | None = None,
     ) -> None:
         """Advance the state of every ``(parameter, full gradient)`` and hand its update ``U``
         (the step is ``W (1 - lr wd) - lr U``) to ``consume(index, U)`` as soon as it is known;
-        ``split`` shares the work of the due inverse roots."""
+        ``split`` shares the work of the due inverse roots.
+
+        A sync-free step (:attr:`_sync_free_step`) reads no counter on the host: the refresh
+        schedule follows ``state["calls"]`` (host int: steps attempted) and bias corrections the
+        ``step`` tensor; with ``ok`` every state tensor changes only where ``ok`` is true."""
+        sync_free = self._sync_free_step
         beta1, beta2 = group["betas"]
         grafting = group["grafting"]
         start = group["start_preconditioning_step"]
@@ -288,11 +305,17 @@ class Shampoo(HybridOptimizer):
             layout = self._layout(p, group)
             if not state:
                 self._init_state(state, p, layout)
-            state["step"] += 1
-            t = int(state["step"].item())
+            count_(state["step"], ok)
+            state["calls"] += 1
+            # The schedule's step: the host's count when the step is sync-free, else the exact one.
+            t = state["calls"] if sync_free else int(state["step"].item())
             grad = raw_grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
-            state[f"{PREFIX}.exp_avg"].lerp_(grad, 1.0 - beta1)
-            accumulate_squares_(state[f"{PREFIX}.graft_sq"], grad, grafting, beta2)
+            exp_avg = state[f"{PREFIX}.exp_avg"]
+            if ok is None:
+                exp_avg.lerp_(grad, 1.0 - beta1)
+            else:
+                commit_(exp_avg, exp_avg.lerp(grad, 1.0 - beta1), ok)
+            accumulate_squares_(state[f"{PREFIX}.graft_sq"], grad, grafting, beta2, ok)
             if layout.preconditioned:
                 keys = self._factor_keys(p)
                 if len(state[keys[0]]) != len(layout.blocks):
@@ -307,33 +330,41 @@ class Shampoo(HybridOptimizer):
                     if not block.preconditioned:
                         continue
                     factors = [state[key][b] for key in keys]
-                    accumulate_factors_(factors, grad[block.index], beta2)
+                    accumulate_factors_(factors, grad[block.index], beta2, ok)
                     if refresh:
                         for key, F in zip(keys, factors, strict=True):
                             if F is not None:
                                 due.append((p, state, key, b, F, block.root))
             work.append((p, state, layout, t))
 
-        self._refresh_roots(due, beta2, group["epsilon"], split)
+        if sync_free:
+            self._refresh_roots_flagged(due, beta2, group["epsilon"], ok)
+        else:
+            self._refresh_roots(due, beta2, group["epsilon"], split)
 
         lr = float(group["lr"])
         for i, (p, state, layout, t) in enumerate(work):
-            exp_avg_hat = state[f"{PREFIX}.exp_avg"] / (1.0 - beta1**t)
+            # Bias corrections from the step actually taken: a tensor when it is not on the host.
+            taken = state["step"] if sync_free else t
+            exp_avg_hat = state[f"{PREFIX}.exp_avg"] / bias_correction(beta1, taken)
             diagonal = diagonal_update(
                 exp_avg_hat,
                 state[f"{PREFIX}.graft_sq"],
                 grafting,
                 beta2=beta2,
-                step=t,
+                step=taken,
                 eps=group["eps"],
             )
             if t < start or not layout.preconditioned:
                 update = diagonal
             else:
                 update = self._shampoo_direction(p, state, layout, exp_avg_hat, diagonal, grafting)
-            update = self._momentum(state, update, group["momentum"], group["nesterov"])
+            update = self._momentum(state, update, group["momentum"], group["nesterov"], ok)
             self._observe(p, update_rms=rms(update, lr))
             consume(i, update)
+
+    def restore_counts(self, p: Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
+        state["calls"] = int(state["step"].item())
 
     def _cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
         """Estimated FLOPs per step of a parameter's whole update: factor statistics and the
@@ -430,6 +461,28 @@ class Shampoo(HybridOptimizer):
             self.observe_condition(p, (key, b), result.condition)
         mark_refreshed(((p, state) for p, state, *_ in due), failed, REFRESHED_AT)
 
+    def _refresh_roots_flagged(
+        self, due: list[_RootJob], beta2: float, epsilon: float, ok: Tensor | None
+    ) -> None:
+        """:meth:`_refresh_roots` without host decisions: every root is committed by its own
+        success flag (and ``ok``); failures and the last complete refresh are counted on the
+        device. No warning names the parameter (the op warns about the failed decomposition)."""
+        if not due:
+            return
+        scaled = [F / bias_correction(beta2, state["step"]) for _p, state, _k, _b, F, _r in due]
+        roots, conditions, good = flagged_inverse_roots(scaled, [job[-1] for job in due], epsilon)
+        done = []
+        for (p, state, key, b, _F, _r), root, condition, fine in zip(
+            due, roots, conditions, good, strict=True
+        ):
+            take = fine if ok is None else fine & ok
+            commit_(state[f"{key}.inv_root"][b], root, take)
+            failed = ~fine if ok is None else ~fine & ok
+            counter(state, FAILURES).add_(failed.to(torch.int64))
+            self.observe_condition(p, (key, b), condition)
+            done.append((p, state, take))
+        mark_refreshed_on_device(done, REFRESHED_AT)
+
     @staticmethod
     def _split_roots(
         due: list[_RootJob],
@@ -490,7 +543,12 @@ class Shampoo(HybridOptimizer):
         return update
 
     def _momentum(
-        self, state: dict[str, Any], update: Tensor, momentum: float, nesterov: bool
+        self,
+        state: dict[str, Any],
+        update: Tensor,
+        momentum: float,
+        nesterov: bool,
+        ok: Tensor | None = None,
     ) -> Tensor:
         if momentum == 0.0:
             return update
@@ -498,8 +556,13 @@ class Shampoo(HybridOptimizer):
         if key not in state:
             state[key] = torch.zeros_like(update)
         buf = state[key]
-        buf.mul_(momentum).add_(update)
-        return update.add(buf, alpha=momentum) if nesterov else buf
+        if ok is None:
+            buf.mul_(momentum).add_(update)
+            new = buf
+        else:
+            new = buf.mul(momentum).add_(update)
+            commit_(buf, new, ok)
+        return update.add(new, alpha=momentum) if nesterov else new
 
 
 def shampoo(

@@ -21,7 +21,9 @@ from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     HybridOptimizer,
     adamw_defaults,
+    counter,
     mark_refreshed,
+    mark_refreshed_on_device,
     plan_groups,
     refresh_age,
     warn_failure,
@@ -29,6 +31,7 @@ from guided_descent.optimizers.hybrid import (
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kronecker import compute_dtype, factor_name, kronecker_factor
+from guided_descent.preconditioners.refresh import flagged_initial_bases, flagged_refresh_bases
 from guided_descent.preconditioners.soap import (
     BasisRefresh,
     MatrixBases,
@@ -42,6 +45,7 @@ from guided_descent.preconditioners.soap import (
 from guided_descent.preconditioners.views import FLATTEN, matrix_shape, parse_view
 from guided_descent.routing import Router, RoutingPolicy, set_policy
 from guided_descent.transforms.descend import descend_
+from guided_descent.transforms.masking import commit_, count_
 
 PREFIX = "soap"
 FAILURES = f"{PREFIX}.failures"
@@ -115,6 +119,7 @@ class SOAP(HybridOptimizer):
     ALGORITHM = "soap"
     # What this method takes from a model (guided_descent.routing): hidden matrices only.
     ROUTING = RoutingPolicy()
+    MASKED_SKIP = True  # takes a device-side flag: see guard's "Sync-free skip"
     STATE_NAME = "SOAP"
     MIN_NDIM = 0
 
@@ -204,10 +209,12 @@ class SOAP(HybridOptimizer):
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: Mapping[str, Any]) -> None:
         dtype = compute_dtype(p.dtype)
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        # On the parameter's device, so that a sync-free step updates it there.
+        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        state[FAILURES] = 0
+        state[FAILURES] = torch.zeros((), dtype=torch.int64, device=p.device)
+        state["calls"] = 0  # gradients processed, counted on the host (the refresh schedule)
         stack = self._matrices(p, group)
         lead = () if stack is None else (stack[0],)
         for _d, key, n in self._rotations(p, group):
@@ -215,13 +222,16 @@ class SOAP(HybridOptimizer):
             eye = torch.eye(n, dtype=dtype, device=p.device)
             state[f"{key}.basis"] = eye.expand(*lead, n, n).clone()
 
+    def init_matrix_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
+        self._init_state(self.state[p], p, group)
+
     def _factor_keys(
         self, p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]
     ) -> list[tuple[int, str]]:
         """``(dim, key)`` of the rotated dimensions whose state exists (fixed at creation)."""
         return [(d, key) for d, key, _n in self._rotations(p, group) if key in state]
 
-    def matrix_step(self, group: dict[str, Any]) -> None:
+    def matrix_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
         params = []
         for p in group["params"]:
             if p.grad is None:
@@ -235,9 +245,9 @@ class SOAP(HybridOptimizer):
         if plain:
 
             def apply(i: int, update: Tensor) -> None:
-                descend_(plain[i], update, lr, group["weight_decay"])
+                descend_(plain[i], update, lr, group["weight_decay"], ok)
 
-            self._updates(group, [(p, p.grad) for p in plain], self.work_split, apply)
+            self._updates(group, [(p, p.grad) for p in plain], self.work_split, apply, ok)
         if sharded:
             self._sharded_step(group, sharded)
 
@@ -247,10 +257,18 @@ class SOAP(HybridOptimizer):
         items: list[tuple[Tensor, Tensor]],
         split: WorkSplit | None,
         consume: Callable[[int, Tensor], None],
+        ok: Tensor | None = None,
     ) -> None:
         """Advance the state of every ``(parameter, full gradient)``; hand the update ``N`` of
         each parameter that moves this step (not on its first gradient, see the class
-        docstring) to ``consume(index, N)``. ``split`` shares the work of the bases."""
+        docstring) to ``consume(index, N)``. ``split`` shares the work of the bases.
+
+        A sync-free step (:attr:`_sync_free_step`) reads no counter on the host: the refresh
+        schedule follows ``state["calls"]`` (host int: gradients processed), bias corrections
+        the ``step`` tensor, and with ``ok`` every state tensor changes only where ``ok`` is true.
+        (A skip on a parameter's very first gradient then leaves its factors empty and its bases
+        the identity until its first refresh.)"""
+        sync_free = self._sync_free_step
         beta1, beta2 = group["betas"]
         shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
         fresh: list[_BasisJob] = []
@@ -260,9 +278,10 @@ class SOAP(HybridOptimizer):
         for i, (p, raw_grad) in enumerate(items):
             state = self.state[p]
             grad = raw_grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
-            is_new = not state
-            if is_new:
+            if not state:
                 self._init_state(state, p, group)
+            is_new = state["calls"] == 0
+            state["calls"] += 1
             factors = self._factor_keys(p, group, state)
             stack = self._matrices(p, group)
             if stack is not None:  # (count, m, n) views: one rotation per matrix
@@ -274,13 +293,15 @@ class SOAP(HybridOptimizer):
             if is_new and factors:
                 # First gradient: statistics and the first basis only (see the class docstring).
                 for d, key in factors:
-                    state[key].lerp_(statistic(d), 1.0 - shampoo_beta)
+                    self._accumulate(state[key], statistic(d), shampoo_beta, ok)
                     fresh.append((p, state, d, key))
                 self._observe(p, update_rms=grad.new_zeros(()))  # it did not move
                 continue
 
-            state["step"] += 1
-            t = int(state["step"].item())
+            count_(state["step"], ok)
+            # The schedule's step (Adam updates: the first gradient of a parameter with bases
+            # only built them): the host's count when the step is sync-free, else the exact one.
+            t = state["calls"] - bool(factors) if sync_free else int(state["step"].item())
             bases: Any
             if stack is None:
                 bases = [None] * p.dim()
@@ -297,18 +318,34 @@ class SOAP(HybridOptimizer):
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
-                step=t,
+                step=state["step"] if sync_free else t,
+                ok=ok,
             ).reshape(p.shape)
             self._observe(p, update_rms=rms(update, lr))
             consume(i, update)
             # After the step, so that this gradient is not used to rotate itself.
             for d, key in factors:
-                state[key].lerp_(statistic(d), 1.0 - shampoo_beta)
+                self._accumulate(state[key], statistic(d), shampoo_beta, ok)
                 if t % group["precondition_frequency"] == 0:
                     due.append((p, state, d, key))
 
-        self._initial_bases(fresh, split)
-        self._refresh_bases(due, split)
+        if sync_free:
+            self._initial_bases_flagged(fresh, ok)
+            self._refresh_bases_flagged(due, ok)
+        else:
+            self._initial_bases(fresh, split)
+            self._refresh_bases(due, split)
+
+    def restore_counts(self, p: Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
+        # Gradients processed: the Adam steps, plus the first gradient that built the bases.
+        state["calls"] = int(state["step"].item()) + bool(self._factor_keys(p, group, state))
+
+    @staticmethod
+    def _accumulate(F: Tensor, statistic: Tensor, shampoo_beta: float, ok: Tensor | None) -> None:
+        if ok is None:
+            F.lerp_(statistic, 1.0 - shampoo_beta)
+        else:
+            commit_(F, F.lerp(statistic, 1.0 - shampoo_beta), ok)
 
     def _cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
         """Estimated FLOPs per step of a parameter's update: four mode products with each
@@ -416,6 +453,53 @@ class SOAP(HybridOptimizer):
             else:
                 state[f"{key}.basis"][b] = basis
         mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
+
+    def _initial_bases_flagged(self, jobs: list[_BasisJob], ok: Tensor | None) -> None:
+        """:meth:`_initial_bases` without host decisions (see Shampoo's flagged refresh)."""
+        if not jobs:
+            return
+        slices = self._slices(jobs)
+        bases, good = flagged_initial_bases([F for _j, _b, F in slices])
+        done = []
+        for (j, b, _F), basis, fine in zip(slices, bases, good, strict=True):
+            p, state, _d, key = jobs[j]
+            take = fine if ok is None else fine & ok
+            target = state[f"{key}.basis"] if b is None else state[f"{key}.basis"][b]
+            commit_(target, basis, take)
+            failed = ~fine if ok is None else ~fine & ok
+            counter(state, FAILURES).add_(failed.to(torch.int64))
+            done.append((p, state, take))
+        mark_refreshed_on_device(done, REFRESHED_AT)
+
+    def _refresh_bases_flagged(self, jobs: list[_BasisJob], ok: Tensor | None) -> None:
+        """:meth:`_refresh_bases` without host decisions (see Shampoo's flagged refresh)."""
+        if not jobs:
+            return
+        slices = self._slices(jobs)
+        bases = [Q for _j, _b, Q in self._slices(jobs, ".basis")]
+        new_bases, orders, good, conditions = flagged_refresh_bases(
+            [F for _j, _b, F in slices], bases
+        )
+        done = []
+        for (j, b, _F), basis, order, fine, condition in zip(
+            slices, new_bases, orders, good, conditions, strict=True
+        ):
+            p, state, d, key = jobs[j]
+            take = fine if ok is None else fine & ok
+            if b is None:
+                commit_(state[f"{key}.basis"], basis, take)
+                moment, dim = state["exp_avg_sq"], d
+            else:
+                commit_(state[f"{key}.basis"][b], basis, take)
+                count, n = state[key].shape[0], state[key].shape[-1]
+                shape = (count, n, -1) if d == 1 else (count, -1, n)
+                moment, dim = state["exp_avg_sq"].view(shape)[b], d - 1
+            commit_(moment, moment.index_select(dim, order), take)
+            failed = ~fine if ok is None else ~fine & ok
+            counter(state, FAILURES).add_(failed.to(torch.int64))
+            self.observe_condition(p, key if b is None else (key, b), condition)
+            done.append((p, state, take))
+        mark_refreshed_on_device(done, REFRESHED_AT)
 
     @staticmethod
     def _split_initial_bases(factors: list[Tensor], split: WorkSplit) -> list[Tensor | None]:

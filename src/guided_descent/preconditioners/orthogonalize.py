@@ -52,6 +52,7 @@ from guided_descent.linalg.newton_schulz import (
 )
 from guided_descent.preconditioners.views import matrix_shape
 from guided_descent.transforms.descend import step_rms
+from guided_descent.transforms.masking import commit_
 
 __all__ = [
     "ADJUST_LR",
@@ -69,14 +70,22 @@ ADJUST_LR: tuple[str, ...] = get_args(AdjustLR)
 MatrixView = str  # "flatten", "batch" or "split:K": see guided_descent.preconditioners.views
 
 
-def momentum_direction(grad: Tensor, buf: Tensor, momentum: float, nesterov: bool) -> Tensor:
+def momentum_direction(
+    grad: Tensor, buf: Tensor, momentum: float, nesterov: bool, ok: Tensor | None = None
+) -> Tensor:
     """Update ``buf`` in place to ``mu buf + (1 - mu) grad``; return the direction to orthogonalize.
 
     With ``nesterov`` the direction is a fresh tensor ``(1 - mu) grad + mu buf``; without, it is
-    ``buf`` itself (do not modify it). ``grad`` is never modified.
+    ``buf`` itself (do not modify it). ``grad`` is never modified. With ``ok`` (a 0-d bool
+    tensor) ``buf`` changes only where it is true; the direction is computed either way.
     """
-    buf.lerp_(grad, 1.0 - momentum)
-    return grad.lerp(buf, momentum) if nesterov else buf
+    if ok is None:
+        buf.lerp_(grad, 1.0 - momentum)
+        new = buf
+    else:
+        new = buf.lerp(grad, 1.0 - momentum)
+        commit_(buf, new, ok)
+    return grad.lerp(new, momentum) if nesterov else new
 
 
 def shape_scale(m: int, n: int, adjust_lr: AdjustLR) -> float:
@@ -141,6 +150,7 @@ def muon_update(
     ns_dtype: torch.dtype | None = None,
     eps: float = 1e-7,
     orthogonalizer: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ok: Tensor | None = None,
 ) -> list[Tensor]:
     """One Muon step in place on ``params`` and ``momentum_buffers`` (functional form).
 
@@ -151,10 +161,11 @@ def muon_update(
 
     ``orthogonalizer`` replaces the local :func:`orthogonalize` of the directions (same
     contract: the list of ``O``, one per direction, in the compute dtype); the optimizer passes
-    one that splits the work across ranks.
+    one that splits the work across ranks. ``ok`` (a 0-d bool tensor) commits the step only where
+    it is true: parameters and buffers are otherwise left bit-identical, without a host sync.
     """
     directions = [
-        momentum_direction(g, buf, momentum, nesterov)
+        momentum_direction(g, buf, momentum, nesterov, ok)
         for g, buf in zip(grads, momentum_buffers, strict=True)
     ]
     if orthogonalizer is not None:
@@ -171,12 +182,16 @@ def muon_update(
     sizes = []
     for p, o in zip(params, orthogonal, strict=True):
         _, m, n = matrix_shape(p.shape, matrix_view)
-        if weight_decay != 0.0:
+        if weight_decay != 0.0 and ok is None:
             p.mul_(1.0 - lr * weight_decay)
         # o is in the compute dtype; the in-place add computes in the wider of the two dtypes and
         # rounds once into p's dtype (a bf16 parameter takes a float32 update without a bf16
         # round-trip of the update first).
         size = lr * shape_scale(m, n, adjust_lr)
-        p.add_(o, alpha=-size)
+        if ok is None:
+            p.add_(o, alpha=-size)
+        else:
+            new = p.mul(1.0 - lr * weight_decay) if weight_decay != 0.0 else p
+            commit_(p, new.add(o, alpha=-size), ok)
         sizes.append(step_rms(o, size))
     return sizes

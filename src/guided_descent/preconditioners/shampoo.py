@@ -31,7 +31,6 @@ the condition number of the damped factor, read off the eigenvalues the root was
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from guided_descent.preconditioners.kronecker import (
     size_buckets,
 )
 from guided_descent.preconditioners.views import FLATTEN, block_lengths
+from guided_descent.transforms.masking import commit_
 
 FactorKind = Literal["full", "diagonal", "skip"]
 FULL: FactorKind = "full"
@@ -122,7 +122,11 @@ def _cuts(n: int, piece: int, size: int) -> list[slice]:
     ]
 
 
-@functools.lru_cache(maxsize=1024)
+# Layouts depend on the shape and limits only. A plain dict rather than functools.lru_cache:
+# torch.compile traces through a dict lookup but warns about (and bypasses) an lru_cache.
+_LAYOUTS: dict[tuple[tuple[int, ...], int, int, str], ShampooLayout] = {}
+
+
 def shampoo_layout(
     shape: tuple[int, ...],
     max_preconditioner_dim: int,
@@ -135,6 +139,16 @@ def shampoo_layout(
     the tensor it is; ``"split:K"`` and ``"batch"`` first cut it into the view's matrices, so that
     each matrix (Q, K, V; a gate; an expert) gets preconditioners of its own.
     """
+    key = (tuple(shape), max_preconditioner_dim, max_factor_dim, view)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _LAYOUTS[key] = _layout(*key)
+    return layout
+
+
+def _layout(
+    shape: tuple[int, ...], max_preconditioner_dim: int, max_factor_dim: int, view: str
+) -> ShampooLayout:
     if max_preconditioner_dim < 1 or max_factor_dim < 1:
         raise ValueError(
             f"max_preconditioner_dim and max_factor_dim must be >= 1, got "
@@ -180,16 +194,22 @@ def identity_roots(factors: Sequence[Tensor | None]) -> list[Tensor | None]:
     return roots
 
 
-def accumulate_factors_(factors: Sequence[Tensor | None], block: Tensor, beta2: float) -> None:
+def accumulate_factors_(
+    factors: Sequence[Tensor | None], block: Tensor, beta2: float, ok: Tensor | None = None
+) -> None:
     """``F_i = beta2 F_i + (1 - beta2) G_(i) G_(i)ᵀ`` in place (its diagonal for 1-D ``F_i``).
 
     ``block`` must already be in the factors' dtype (float32: see ``kronecker.compute_dtype``).
+    With ``ok`` (a 0-d bool tensor) each factor changes only where it is true.
     """
     for dim, F in enumerate(factors):
         if F is None:
             continue
         new = kronecker_factor(block, dim) if F.dim() == 2 else diagonal_factor(block, dim)
-        F.lerp_(new, 1.0 - beta2)
+        if ok is None:
+            F.lerp_(new, 1.0 - beta2)
+        else:
+            commit_(F, F.lerp(new, 1.0 - beta2), ok)
 
 
 class InverseRoot(NamedTuple):

@@ -36,6 +36,7 @@ from torch import Tensor
 from guided_descent.linalg.eigenbasis import eigenbasis, refresh_eigenbasis
 from guided_descent.linalg.matrix_functions import MatrixFunctionError, condition_number
 from guided_descent.preconditioners.kronecker import mode_product, size_buckets
+from guided_descent.transforms.masking import bias_correction, commit_
 
 
 def rotated_dims(shape: Sequence[int], max_precond_dim: int) -> tuple[int, ...]:
@@ -93,21 +94,30 @@ def soap_update(
     beta1: float,
     beta2: float,
     eps: float,
-    step: int,
+    step: int | Tensor,
+    ok: Tensor | None = None,
 ) -> Tensor:
     """Update both moments in place and return the direction ``N`` (module docstring).
 
     ``grad``, ``exp_avg`` (original space) and ``exp_avg_sq`` (rotated space) share one shape and
     dtype (``(count, m, n)`` with :class:`MatrixBases`); ``step`` is the 1-based count of Adam
-    updates including this one. Bias correction and ``eps`` are placed as in
-    ``torch.optim.AdamW``, so with identity bases the result is its step.
+    updates including this one (a host int, or a 0-d tensor for a sync-free step); with ``ok`` (a
+    0-d bool tensor) the moments change only where it is true. Bias correction and ``eps`` are
+    placed as in ``torch.optim.AdamW``, so with identity bases the result is its step.
     """
     rotated_grad = project(grad, bases)
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
-    denom = exp_avg_sq.sqrt().div_((1.0 - beta2**step) ** 0.5).add_(eps)
+    if ok is None:
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
+        m, v = exp_avg, exp_avg_sq
+    else:  # out of place, kept only where ok
+        m = exp_avg.lerp(grad, 1.0 - beta1)
+        v = exp_avg_sq.mul(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
+        commit_(exp_avg, m, ok)
+        commit_(exp_avg_sq, v, ok)
+    denom = v.sqrt().div_(bias_correction(beta2, step) ** 0.5).add_(eps)
     # Out of place: with the identity on every side, project() returns a view of exp_avg.
-    rotated_step = project(exp_avg, bases) / (1.0 - beta1**step) / denom
+    rotated_step = project(m, bases) / bias_correction(beta1, step) / denom
     return project_back(rotated_step, bases)
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from guided_descent.transforms.masking import commit_
+
 
 def step_rms(update: Tensor, lr: float | Tensor = 1.0) -> Tensor:
     """``lr · ‖update‖ / √numel``: the RMS of the step ``lr · update``, a 0-d tensor.
@@ -20,12 +22,21 @@ def step_rms(update: Tensor, lr: float | Tensor = 1.0) -> Tensor:
     return torch.linalg.vector_norm(update, dtype=dtype) * (lr / math.sqrt(update.numel()))
 
 
-def descend_(p: Tensor, update: Tensor, lr: float, weight_decay: float) -> None:
+def descend_(
+    p: Tensor, update: Tensor, lr: float, weight_decay: float, ok: Tensor | None = None
+) -> None:
     """``p = p (1 - lr wd) - lr update`` in place, rounding to ``p``'s dtype once.
 
     ``update`` is float32 (or float64); a bfloat16 parameter is updated in the update's dtype and
-    rounded at the end, so that small steps are not lost to two roundings.
+    rounded at the end, so that small steps are not lost to two roundings. With ``ok`` (a 0-d
+    bool tensor) ``p`` changes only where it is true, without a host sync.
     """
+    if ok is not None:
+        new = p.to(update.dtype) if p.dtype != update.dtype else p
+        if weight_decay != 0.0:
+            new = new.mul(1.0 - lr * weight_decay)
+        commit_(p, new.add(update, alpha=-lr), ok)
+        return
     if p.dtype == update.dtype:
         if weight_decay != 0.0:
             p.mul_(1.0 - lr * weight_decay)

@@ -28,6 +28,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from guided_descent.transforms.masking import bias_correction, commit_
+
 Grafting = Literal["adam", "adagrad", "none"]
 GRAFTINGS: tuple[str, ...] = get_args(Grafting)
 
@@ -38,26 +40,43 @@ def check_grafting(owner: str, value: object) -> None:
         raise ValueError(f"{owner}: grafting must be one of {GRAFTINGS}, got {value!r}")
 
 
-def accumulate_squares_(acc: Tensor, grad: Tensor, grafting: Grafting, beta2: float) -> None:
+def accumulate_squares_(
+    acc: Tensor, grad: Tensor, grafting: Grafting, beta2: float, ok: Tensor | None = None
+) -> None:
     """Add ``grad²`` to the diagonal accumulator in place: a sum for AdaGrad, else an EMA.
 
     ``"none"`` keeps Adam's EMA: the diagonal update is still what vectors and
-    not-yet-preconditioned parameters receive.
+    not-yet-preconditioned parameters receive. With ``ok`` (a 0-d bool tensor) the accumulator
+    changes only where it is true (:func:`~guided_descent.transforms.masking.commit_`).
     """
-    if grafting == "adagrad":
+    if ok is not None:
+        new = acc.addcmul(grad, grad) if grafting == "adagrad" else acc.mul(beta2).addcmul_(
+            grad, grad, value=1.0 - beta2
+        )
+        commit_(acc, new, ok)
+    elif grafting == "adagrad":
         acc.addcmul_(grad, grad)
     else:
         acc.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
 
 
 def diagonal_update(
-    exp_avg_hat: Tensor, acc: Tensor, grafting: Grafting, *, beta2: float, step: int, eps: float
+    exp_avg_hat: Tensor,
+    acc: Tensor,
+    grafting: Grafting,
+    *,
+    beta2: float,
+    step: int | Tensor,
+    eps: float,
 ) -> Tensor:
-    """The diagonal method's update direction ``A`` (a new tensor; see the module docstring)."""
+    """The diagonal method's update direction ``A`` (a new tensor; see the module docstring).
+
+    ``step`` is a host int, or a 0-d tensor for a step that does not read counters on the host.
+    """
     if grafting == "adagrad":
         denom = acc.sqrt().add_(eps)
     else:
-        denom = acc.sqrt().div_((1.0 - beta2**step) ** 0.5).add_(eps)
+        denom = acc.sqrt().div_(bias_correction(beta2, step) ** 0.5).add_(eps)
     return exp_avg_hat / denom
 
 
