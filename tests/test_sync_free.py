@@ -26,9 +26,8 @@ COMPILE_HYPER = {"muon": {"ns_dtype": torch.float64}}
 
 def make_model(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(
-        dtype
-    )
+    layers = [nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)]
+    return nn.Sequential(*layers).to(dtype)
 
 
 def build(name: str, model: nn.Module, sync_free: bool | None) -> torch.optim.Optimizer:
@@ -60,7 +59,8 @@ def same(a, b) -> bool:
 
 def without_calls(state_dict: dict) -> dict:
     # "calls" counts attempts on the host; it is the one entry a skipped step advances.
-    return {k: {kk: v for kk, v in s.items() if kk != "calls"} for k, s in state_dict["state"].items()}
+    states = state_dict["state"].items()
+    return {k: {key: v for key, v in s.items() if key != "calls"} for k, s in states}
 
 
 @pytest.mark.parametrize("name", NAMES)
