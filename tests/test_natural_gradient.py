@@ -275,17 +275,3 @@ def test_needs_the_model_and_only_its_parameters():
     assert isinstance(opt, NaturalGradient)
     with pytest.raises(ValueError, match="not parameters of the model"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
-@pytest.mark.parametrize("kind", SEQUENCE_MODELS)
-def test_attention_and_recurrent_models_train_at_the_defaults(kind):
-    model, x, y = sequence_problem(kind)
-    opt = gd.create("natural_gradient", model, loss="cross_entropy")
-    losses = []
-    for _ in range(5):
-        loss = F.cross_entropy(model(x), y)
-        losses.append(float(loss))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert losses[-1] < 0.9 * losses[0]
-
-
