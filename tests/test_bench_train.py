@@ -92,6 +92,36 @@ def test_bf16_autocast_run_one_shapes_and_dtypes(tmp_path):
     assert record["finite"] and record["steps_done"] == 3
 
 
+def test_mnist1d_transformer_quick_run_end_to_end(tmp_path):
+    summary = _bench(tmp_path, "tf", "mnist1d-transformer")
+    res = summary["results"]
+    assert list(res["optimizers"]) == ["adamw", "muon"]
+    assert res["targets"]["protocol"]["metric"] == "test_acc"
+    assert res["problem"]["layout"]["d_model"] == 16  # the CI-sized model
+    for row in res["optimizers"].values():
+        assert row["seeds"] == 2 and row["finite"]
+        assert 0.0 <= row["final_metric"]["median"] <= 1.0
+    assert summary["claims"][0]["name"] == "all-finite" and summary["claims"][0]["passed"]
+    report = (tmp_path / "tf" / "report.md").read_text()
+    assert "| optimizer | final test_acc | steps to target |" in report
+
+
+def test_mnist1d_transformer_every_listed_optimizer_steps(tmp_path):
+    """Each optimizer of the full list runs a few steps on the CI model, finite; natural
+    gradient, which cannot differentiate forward through attention, is refused up front."""
+    workload = WORKLOADS["mnist1d-transformer"]
+    config = Config(task="mnist1d-transformer", ci=True, seeds=1, warmup_steps=1,
+                    budget_steps=3, eval_every=3)
+    problem = workload.build(0, 3, 20, True, torch.device("cpu"))
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    for name in workload.optimizers:
+        record = run_one(config, problem, name, 0, 1.0, metrics)
+        assert record["finite"] and record["steps_done"] == 3, name
+    metrics.close()
+    with pytest.raises(ValueError, match="natural_gradient cannot run on mnist1d-transformer"):
+        Config(task="mnist1d-transformer", optimizers=("natural_gradient",))
+
+
 def test_warmup_then_restore_reproduces_the_unwarmed_run(tmp_path):
     """The untimed warm-up must leave no trace: same weights, fresh state, same RNG."""
     finals = []
