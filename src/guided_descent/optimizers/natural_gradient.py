@@ -15,6 +15,13 @@ uses and then forgets them. A standard loop therefore works unchanged::
     opt = gd.create("natural_gradient", model, loss="cross_entropy")
     loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
 
+``torch.compile`` works whichever way round: build the optimizer on the model and compile it
+afterwards, build it on the compiled ``OptimizedModule``, or compile in place with
+``model.compile()``. The hook sits on the eager module inside any compile wrapper and runs
+outside the compiled graph; the curvature re-runs call the eager module (``torch.func``
+transforms of a compiled graph would recompile it every step). Diagnostics name parameters as
+the module passed in does (``_orig_mod.``-prefixed for an ``OptimizedModule``).
+
 ``step()`` raises ``RuntimeError`` when no such forward pass happened since the last step. With
 several forward passes per step (micro-batches) the curvature is that of the last one. The
 re-runs normalize BatchNorm layers with their batch statistics, as training does, without
@@ -80,6 +87,17 @@ def _capture_inputs(
         return
     # Only the latest batch is kept; detached, so no autograd graph is held through it.
     opt._inputs = (tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
+
+
+def eager_module(model: nn.Module) -> nn.Module:
+    """The eager module under ``torch.compile`` wrappers (``OptimizedModule._orig_mod``)."""
+    # Imported here: torch._dynamo takes seconds to import, and torch.optim.Optimizer (which
+    # the caller is building) imports it anyway.
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 @contextmanager
@@ -174,8 +192,13 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         self.settings = NaturalGradientSettings(loss, cg_iterations, cg_tolerance)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         validate_hyperparams("natural_gradient", defaults)
-        self._model = model
+        # A torch.compile wrapper shares its parameters with the eager module inside it. The hooks
+        # and the curvature re-runs use the eager module (torch.func transforms on a compiled
+        # graph would recompile it); messages and diagnostics use the names of the module the
+        # caller passed (an OptimizedModule spells them with an `_orig_mod.` prefix).
+        self._model = eager_module(model)
         self._names = {id(p): name for name, p in model.named_parameters()}
+        self._call_names = {id(p): name for name, p in self._model.named_parameters()}
         params = [p for p in model.parameters() if p.requires_grad]
         count = sum(p.numel() for p in params)
         if count > SMALL_MODEL:
@@ -189,9 +212,11 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._replaying = False
         self.last_solve: CGResult | None = None
-        self._handle = model.register_forward_pre_hook(
-            partial(_capture_inputs, weakref.ref(self)), with_kwargs=True
-        )
+        # The hook runs eagerly even where dynamo traces the module's call (the model compiled
+        # after this, or with nn.Module.compile()): traced, its write to this optimizer would be
+        # dropped without a word.
+        hook = torch.compiler.disable(partial(_capture_inputs, weakref.ref(self)))
+        self._handle = self._model.register_forward_pre_hook(hook, with_kwargs=True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
@@ -242,7 +267,7 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in entries) else (
             torch.float32
         )
-        names = [self._names[id(p)] for _, p in entries]
+        names = [self._call_names[id(p)] for _, p in entries]
         sizes = [p.numel() for _, p in entries]
         b = torch.cat([p.grad.reshape(-1).to(dtype) for _, p in entries])
         if not bool(b.any()):
@@ -273,6 +298,8 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         model = self._model
         primals = {name: p.detach() for name, (_, p) in zip(names, entries, strict=True)}
 
+        # Eager even when the module was compiled in place (nn.Module.compile()).
+        @torch.compiler.disable
         def forward(params: dict[str, Tensor]) -> Tensor:
             return torch.func.functional_call(model, params, args, kwargs)
 
