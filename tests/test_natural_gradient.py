@@ -329,3 +329,211 @@ def test_every_way_of_compiling_steps_as_the_eager_model(how):
     # hooks and re-runs see what they see under inductor, in a fraction of the time.
     _, stepped, expected = compiled_step(how, "aot_eager")
     torch.testing.assert_close(stepped, expected, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------- attention and recurrent models
+
+EPS32 = torch.finfo(torch.float32).eps
+# A float32 Gauss–Newton product passes through the model forward and back about twice, each
+# op's result rounded once (relative error ~ eps32 per op, ~ eps32 * n for a sum of n terms).
+# The tiny models below have < 30 ops on any path and sums of < 200 terms: 256 * eps32 bounds
+# the normwise relative error of a product with room to spare, on any CPU's kernels.
+PRODUCT_RTOL = 256 * EPS32
+FIXED_DAMPING: dict = {}
+
+
+class TinyTransformer(nn.Module):
+    """A one-layer transformer encoder classifier: (N, T, 4) -> (N, 3) logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(
+            4, 2, dim_feedforward=8, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+class TinyAttention(nn.Module):
+    """Self-attention without returned weights (torch then takes its fused attention kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attention(x, x, x, need_weights=False)
+        return self.head(out.mean(1))
+
+
+class TinyRecurrent(nn.Module):
+    """A GRU or LSTM over the sequence, classified from its last hidden state."""
+
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = cell(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+SEQUENCE_MODELS = {
+    "transformer": TinyTransformer,
+    "attention": TinyAttention,
+    "gru": lambda: TinyRecurrent(nn.GRU),
+    "lstm": lambda: TinyRecurrent(nn.LSTM),
+}
+
+
+def sequence_problem(kind: str):
+    """A float32 sequence classifier, a batch (N=4, T=3, 4) and its labels."""
+    torch.manual_seed(0)
+    model = SEQUENCE_MODELS[kind]()
+    g = torch.Generator().manual_seed(5)
+    return model, torch.randn(4, 3, 4, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+
+def dense_gauss_newton_reverse(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy Jᵀ H J in float64, J from torch.autograd.functional.jacobian (reverse mode
+    only, so it holds for every op with a backward), on a float64 copy of ``model``."""
+    import copy
+
+    twin = copy.deepcopy(model).double()
+    names = [n for n, _ in twin.named_parameters()]
+    shapes = [p.shape for p in twin.parameters()]
+    sizes = [p.numel() for p in twin.parameters()]
+
+    def outputs(theta: torch.Tensor) -> torch.Tensor:
+        parts = theta.split(sizes)
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        return functional_call(twin, params, (x.double(),))
+
+    theta = flat_params(twin)
+    J = torch.autograd.functional.jacobian(outputs, theta)  # (N, C, P)
+    z = outputs(theta).detach()
+    p = torch.softmax(z, 1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("ncp,ncd,ndq->pq", J, H, J) / z.shape[0]
+
+
+@pytest.mark.parametrize("kind", SEQUENCE_MODELS)
+def test_attention_and_recurrent_models_step_along_the_dense_damped_solve(kind):
+    model, x, y = sequence_problem(kind)
+    G = dense_gauss_newton_reverse(model, x)
+    lam = 0.1
+    A = G + lam * torch.eye(len(G), dtype=torch.float64)
+    opt = gd.create(
+        "natural_gradient", model, lr=1.0, damping=lam, loss="cross_entropy",
+        cg_iterations=len(G), cg_tolerance=1e-6, **FIXED_DAMPING,
+    )
+    theta = flat_params(model).double()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    opt.step()
+    expected = torch.linalg.solve(A, grad)
+    move = theta - flat_params(model).double()
+    # Perturbation bound for A u = g: relative error <= cond(A) (rel. error of A and of g, each
+    # PRODUCT_RTOL, + CG's relative residual), plus the float32 rounding of θ - u.
+    cond = float(torch.linalg.cond(A))
+    bound = cond * (2 * PRODUCT_RTOL + 1e-6) + EPS32 * float(theta.norm() / expected.norm())
+    assert float((move - expected).norm() / expected.norm()) <= bound
+    mode = opt.diagnostics()["jacobian_products"]
+    assert mode["mode"] in ("forward", "double_vjp")
+
+
+@pytest.mark.parametrize("kind", SEQUENCE_MODELS)
+def test_double_vjp_products_of_attention_and_recurrent_models_match_the_dense_jacobian(kind):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, x, _ = sequence_problem(kind)
+    G = dense_gauss_newton_reverse(model, x)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    with sdpa_kernel([SDPBackend.MATH]):
+        product = gauss_newton_operator(
+            lambda ps: functional_call(model, ps, (x,)), params, "cross_entropy",
+            jacobian="double_vjp",
+        )
+        g = torch.Generator().manual_seed(2)
+        for _ in range(2):
+            v = torch.randn(len(G), generator=g, dtype=torch.float64)
+            parts = v.float().split([p.numel() for p in params.values()])
+            tangent = {n: t.view(p.shape) for (n, p), t in zip(params.items(), parts, strict=True)}
+            Gv = torch.cat([t.reshape(-1) for t in product(tangent).values()]).double()
+            error = float((Gv - G @ v).norm())
+            assert error <= PRODUCT_RTOL * float(torch.linalg.matrix_norm(G, 2)) * float(v.norm())
+
+
+class TanhWithoutJvp(torch.autograd.Function):
+    """tanh with a (differentiable) backward but no forward-mode rule."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class TanhOnceDifferentiable(TanhWithoutJvp):
+    """The same, its backward not differentiable again: no Jacobian product can go through it."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class CustomActivation(nn.Module):
+    def __init__(self, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.apply(x)
+
+
+def test_missing_forward_mode_rules_fall_back_to_two_reverse_passes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), CustomActivation(TanhWithoutJvp), nn.Linear(5, 4))
+    model = model.double()
+    twin = mlp()  # the same weights with torch's tanh, whose forward-mode rule exists
+    twin.load_state_dict(model.state_dict())
+    x, y = data("cross_entropy")
+    hp = dict(lr=0.5, damping=0.1, loss="cross_entropy", cg_iterations=100, cg_tolerance=1e-13,
+              **FIXED_DAMPING)
+    opt, reference = gd.create("natural_gradient", model, **hp), gd.create(
+        "natural_gradient", twin, **hp
+    )
+    for _ in range(2):  # detected on the first step, remembered for the second
+        for m, o in ((model, opt), (twin, reference)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+        torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-10, atol=1e-12)
+    mode = opt.diagnostics()["jacobian_products"]
+    assert mode["mode"] == "double_vjp"
+    assert "CustomActivation" in mode["reason"]
+    assert reference.diagnostics()["jacobian_products"] == {"mode": "forward", "reason": None}
+
+
+def test_a_model_without_any_jacobian_product_is_refused_in_one_line():
+    model = nn.Sequential(nn.Linear(3, 5), CustomActivation(TanhOnceDifferentiable),
+                          nn.Linear(5, 4)).double()
+    x, y = data("cross_entropy")
+    opt = gd.create("natural_gradient", model, loss="cross_entropy")
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="CustomActivation") as info:
+        opt.step()
+    assert "\n" not in str(info.value)

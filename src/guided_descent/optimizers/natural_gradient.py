@@ -29,6 +29,17 @@ updating their running statistics (``torch.func`` transforms cannot mutate buffe
 that do so in ``forward`` are not supported). Stochastic layers such as dropout draw fresh masks
 in every re-run, so the products are then those of a random function: prefer deterministic
 models when the exact Gauss–Newton matrix matters.
+
+**Models whose ops lack forward-mode derivatives.** The products ``J v`` start in forward mode.
+The re-runs route ``scaled_dot_product_attention`` (``nn.MultiheadAttention``,
+``nn.TransformerEncoderLayer``) through its math kernel, whose ops all have forward-mode rules.
+When an op still has none (``nn.LSTM``'s fused CPU kernel, a custom ``autograd.Function``
+without ``jvp``), the first product that meets it switches this optimizer, for good, to computing
+``J v`` by two reverse passes (``"double_vjp"``, see
+:mod:`guided_descent.preconditioners.natural_gradient`); ``diagnostics()["jacobian_products"]``
+says which way is in use and which module made it switch. Where the backward is not
+differentiable either (a ``once_differentiable`` function; on CUDA, cuDNN's RNN kernels),
+``step()`` raises a one-line ``RuntimeError`` naming the module.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -44,6 +55,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from guided_descent.optimizers.diagnostics import json_float, rms
 from guided_descent.optimizers.guard import GuardedOptimizer
@@ -51,9 +63,12 @@ from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.natural_gradient import (
     CGResult,
+    JacobianProducts,
+    Linearization,
     OutputLoss,
     conjugate_gradient,
-    gauss_newton_operator,
+    gauss_newton_product,
+    linearize,
 )
 
 STATE_MOMENTUM = "natural_gradient.momentum_buffer"
@@ -121,6 +136,57 @@ def _running_stats_frozen(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+def _forward_mode_missing(error: BaseException) -> bool:
+    """Whether ``error`` says that an op has no forward-mode (JVP) derivative."""
+    text = str(error).lower()
+    return isinstance(error, NotImplementedError) or any(
+        phrase in text for phrase in ("forward ad", "forward-mode", "forward mode", "jvp")
+    )
+
+
+def _derivative_missing(error: BaseException) -> bool:
+    """Whether ``error`` says that a derivative (of a backward, for double-VJP) is missing."""
+    text = str(error).lower()
+    return isinstance(error, NotImplementedError) or any(
+        phrase in text
+        for phrase in ("derivative for", "not implemented", "differentiate twice",
+                       "not differentiable", "double backward")
+    )
+
+
+def _describe_module(name: str, module: nn.Module) -> str:
+    kind = type(module)
+    spelled = f"nn.{kind.__name__}" if kind.__module__.startswith("torch.nn") else kind.__name__
+    return f"{name!r} ({spelled})" if name else f"the model ({spelled})"
+
+
+def _failing_module(model: nn.Module, attempt: Callable[[], Any]) -> str:
+    """The innermost module that was running when ``attempt()`` raised (how it is named)."""
+    running: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        described = _describe_module(name, module)
+        handles.append(module.register_forward_pre_hook(
+            lambda *_, d=described: running.append(d)
+        ))
+        handles.append(module.register_forward_hook(lambda *_: running.pop()))
+    try:
+        attempt()
+    except Exception:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return running[-1] if running else _describe_module("", model)
+
+
+def _suspect_modules(model: nn.Module) -> str:
+    """The recurrent and attention modules of ``model`` (fused kernels), else the model."""
+    kinds = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+    found = [_describe_module(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    return ", ".join(found) if found else _describe_module("", model)
+
+
 class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
     """Damped natural gradient / Gauss–Newton by conjugate gradient (Amari 1998; Martens 2010).
 
@@ -136,6 +202,8 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
 
     Cost per step: one forward pass to build the VJP, then per CG iteration one JVP and one VJP
     through the model (about a forward plus a backward pass each), at most ``cg_iterations``.
+    With double-VJP products (see the module docstring) the first pass also builds a backward
+    graph, and each JVP is a reverse pass through it.
 
     Args:
         model: the network; all its trainable parameters are optimized jointly.
@@ -170,6 +238,10 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
     ALGORITHM = "natural_gradient"
     _solve_failures: int = 0
     _warned_solve: bool = False
+    _jacobian: JacobianProducts = "forward"
+    _jacobian_reason: str | None = None
+    _jacobian_module: str | None = None
+    _jacobian_verified: bool = False
 
     def __init__(
         self,
@@ -199,6 +271,10 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         self._model = eager_module(model)
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._call_names = {id(p): name for name, p in self._model.named_parameters()}
+        self._shown_names = {
+            self._call_names[id(p)]: name for name, p in model.named_parameters() if
+            self._call_names[id(p)] != name
+        }
         params = [p for p in model.parameters() if p.requires_grad]
         count = sum(p.numel() for p in params)
         if count > SMALL_MODEL:
@@ -212,6 +288,11 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._replaying = False
         self.last_solve: CGResult | None = None
+        # How J v is computed: forward mode until an op turns out to lack it (then for good).
+        self._jacobian: JacobianProducts = "forward"
+        self._jacobian_reason: str | None = None
+        self._jacobian_module: str | None = None
+        self._jacobian_verified = False
         # The hook runs eagerly even where dynamo traces the module's call (the model compiled
         # after this, or with nn.Module.compile()): traced, its write to this optimizer would be
         # dropped without a word.
@@ -238,9 +319,19 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
 
     @contextmanager
     def _replay(self) -> Iterator[None]:
+        """How the model is re-run for curvature: with gradients, without capturing its inputs,
+        BatchNorm on batch statistics with running ones untouched, and attention through the
+        math kernel of scaled_dot_product_attention (the fused CPU and GPU kernels have neither
+        forward-mode nor double-backward derivatives; the math one is plain differentiable ops
+        computing the same function)."""
         self._replaying = True
         try:
-            yield
+            with (
+                torch.enable_grad(),
+                _running_stats_frozen(self._model),
+                sdpa_kernel([SDPBackend.MATH]),
+            ):
+                yield
         finally:
             self._replaying = False
 
@@ -293,15 +384,8 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         b: Tensor,
         damping: Tensor,
     ) -> Tensor:
-        assert self._inputs is not None
-        args, kwargs = self._inputs
-        model = self._model
+        forward = self._functional_forward()
         primals = {name: p.detach() for name, (_, p) in zip(names, entries, strict=True)}
-
-        # Eager even when the module was compiled in place (nn.Module.compile()).
-        @torch.compiler.disable
-        def forward(params: dict[str, Tensor]) -> Tensor:
-            return torch.func.functional_call(model, params, args, kwargs)
 
         def unflatten(v: Tensor) -> dict[str, Tensor]:
             parts = v.split(sizes)
@@ -310,21 +394,97 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
                 for name, part in zip(names, parts, strict=True)
             }
 
-        with torch.enable_grad(), self._replay(), _running_stats_frozen(model):
-            product = gauss_newton_operator(forward, primals, self.settings.loss, b.dtype)
+        with self._replay():
+            while True:  # at most twice: forward mode, then double-VJP
+                try:
+                    # Double-VJP graphs are checked once: their structure is the model's.
+                    lin = linearize(
+                        forward, primals, self._jacobian, verify=not self._jacobian_verified
+                    )
+                    direction, self.last_solve = self._conjugate_gradient(
+                        lin, primals, names, unflatten, b, damping
+                    )
+                    self._jacobian_verified = True
+                    return direction
+                except (NotImplementedError, RuntimeError) as error:
+                    self._jacobian_failed(error, forward, primals)
 
-            def matvec(v: Tensor) -> Tensor:
-                gv = product(unflatten(v))
-                flat = torch.cat([gv[name].reshape(-1).to(b.dtype) for name in names])
-                return flat + damping * v
+    def _conjugate_gradient(
+        self,
+        lin: Linearization,
+        primals: dict[str, Tensor],
+        names: list[str],
+        unflatten: Callable[[Tensor], dict[str, Tensor]],
+        b: Tensor,
+        damping: Tensor,
+    ) -> tuple[Tensor, CGResult]:
+        loss = self.settings.loss
 
-            direction, self.last_solve = conjugate_gradient(
-                matvec,
-                b,
-                max_iterations=self.settings.cg_iterations,
-                tolerance=self.settings.cg_tolerance,
+        def matvec(v: Tensor) -> Tensor:
+            gv = gauss_newton_product(lin, primals, loss, b.dtype, unflatten(v))
+            flat = torch.cat([gv[name].reshape(-1).to(b.dtype) for name in names])
+            return flat + damping * v
+
+        return conjugate_gradient(
+            matvec,
+            b,
+            max_iterations=self.settings.cg_iterations,
+            tolerance=self.settings.cg_tolerance,
+        )
+
+    def _functional_forward(self) -> Callable[[dict[str, Tensor]], Tensor]:
+        """The model as a function of (some of) its parameters, on the captured batch."""
+        assert self._inputs is not None
+        args, kwargs = self._inputs
+        model = self._model
+
+        # Eager even when the module was compiled in place (nn.Module.compile()).
+        @torch.compiler.disable
+        def forward(params: dict[str, Tensor]) -> Tensor:
+            return torch.func.functional_call(model, params, args, kwargs)
+
+        return forward
+
+    def _jacobian_failed(
+        self,
+        error: NotImplementedError | RuntimeError,
+        forward: Callable[[dict[str, Tensor]], Tensor],
+        primals: dict[str, Tensor],
+    ) -> None:
+        """Switch to double-VJP products when forward mode is missing; else refuse in one line.
+
+        Returns to retry with the other way; re-raises errors that are not about derivatives.
+        """
+        text = str(error).strip()
+        message = text.splitlines()[0] if text else type(error).__name__
+        for call, shown in self._shown_names.items():  # name parameters as the caller does
+            message = message.replace(repr(call), repr(shown))
+        if self._jacobian == "forward" and _forward_mode_missing(error):
+            # Run the failing product again, recording which module it fails in.
+            tangents = {name: torch.zeros_like(p) for name, p in primals.items()}
+            self._jacobian_module = _failing_module(
+                self._model, lambda: torch.func.jvp(forward, (primals,), (tangents,))
             )
-        return direction
+            self._jacobian = "double_vjp"
+            self._jacobian_verified = False
+            self._jacobian_reason = (
+                f"no forward-mode derivative in {self._jacobian_module}: {message}"
+            )
+            return
+        if self._jacobian == "double_vjp" and _derivative_missing(error):
+            where = self._jacobian_module or _suspect_modules(self._model)
+            hint = (
+                "; on CUDA, call step() under torch.backends.cudnn.flags(enabled=False)"
+                if "cudnn" in message.lower()
+                else ""
+            )
+            raise RuntimeError(
+                f"natural_gradient: cannot form Jacobian-vector products through {where}: it has "
+                f"neither a forward-mode derivative nor a differentiable backward ({message}); "
+                "train this model with an optimizer that needs only gradients (adamw, shampoo, "
+                f"muon), or give the op a jvp rule or a twice-differentiable backward{hint}"
+            ) from error
+        raise error
 
     def _usable(self, direction: Tensor, b: Tensor) -> Tensor:
         """``direction``, or the gradient ``b`` when the solve produced nothing usable."""
@@ -371,13 +531,14 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         }
 
     def _extra_diagnostics(self) -> dict[str, Any]:
+        products = {"mode": self._jacobian, "reason": self._jacobian_reason}
         solve = self.last_solve
         if solve is None:
-            return {"last_solve": None}
+            return {"last_solve": None, "jacobian_products": products}
         fields = dataclasses.asdict(solve)
         for key in ("relative_residual", "condition_estimate"):
             fields[key] = json_float(fields[key])
-        return {"last_solve": fields}
+        return {"last_solve": fields, "jacobian_products": products}
 
     def _apply(self, group: dict[str, Any], p: Tensor, u: Tensor) -> None:
         momentum = float(group["momentum"])

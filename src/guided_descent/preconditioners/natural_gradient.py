@@ -10,10 +10,19 @@ also the Fisher of the matching likelihood (Martens 2014, arXiv 1412.1193):
   dimension 1) with its default mean over the ``R`` predictions: ``H = (diag p − p pᵀ)/R`` per
   prediction, ``p = softmax(z)``; the softmax likelihood's Fisher.
 
-The step solves ``(G + λ I) u = g`` without forming ``G``: each product ``G v`` is one JVP (forward
-mode, ``J v``), the small ``H`` and one VJP (``Jᵀ ·``) through the model, so a conjugate-gradient
+The step solves ``(G + λ I) u = g`` without forming ``G``: each product ``G v`` is one JVP
+(``J v``), the small ``H`` and one VJP (``Jᵀ ·``) through the model, so a conjugate-gradient
 iteration costs about one forward and one backward pass; the VJP's graph is built once per step.
 That makes this the reference K-FAC approximates, meant for models up to ~1e5 parameters.
+
+Two ways to get ``J v`` (:data:`JacobianProducts`):
+
+* ``"forward"`` -- forward-mode AD (``torch.func.jvp``): one forward pass with dual numbers.
+* ``"double_vjp"`` -- two reverse passes: ``Jᵀ u`` is linear in ``u``, so ``J v`` is the gradient
+  with respect to ``u`` of ``⟨Jᵀ u, v⟩``. The graph of ``Jᵀ u`` (a backward pass built with
+  ``create_graph``) is made once per step; each product is then one reverse pass through it. For
+  models with ops that have a backward but no forward-mode rule (fused RNN kernels, custom
+  ``autograd.Function`` classes without ``jvp``); it needs their backward to be differentiable.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, get_args
 
 import torch
@@ -28,6 +38,8 @@ from torch import Tensor
 
 OutputLoss = Literal["mse", "cross_entropy"]
 OUTPUT_LOSSES: tuple[str, ...] = get_args(OutputLoss)
+JacobianProducts = Literal["forward", "double_vjp"]
+JACOBIAN_PRODUCTS: tuple[str, ...] = get_args(JacobianProducts)
 
 Params = dict[str, Tensor]
 
@@ -50,35 +62,158 @@ def output_hessian_product(loss: OutputLoss, outputs: Tensor, v: Tensor) -> Tens
     raise ValueError(f"loss must be one of {OUTPUT_LOSSES}, got {loss!r}")
 
 
+@dataclass(frozen=True)
+class Linearization:
+    """A model linearized at fixed parameters: its ``outputs`` (detached), ``jvp: v ↦ J v``
+    (outputs-shaped) and ``vjp: u ↦ Jᵀ u`` (a dict shaped like the parameters)."""
+
+    outputs: Tensor
+    jvp: Callable[[Params], Tensor]
+    vjp: Callable[[Tensor], Params]
+
+
+def _one_tensor(outputs: object) -> Tensor:
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"the model must return one Tensor of outputs, got {type(outputs).__name__}"
+        )
+    return outputs
+
+
+def linearize(
+    forward: Callable[[Params], Tensor],
+    params: Params,
+    jacobian: JacobianProducts = "forward",
+    *,
+    verify: bool = True,
+) -> Linearization:
+    """Linearize ``z = forward(params)``: one forward pass now, the Jacobian products later.
+
+    ``forward`` maps a dict of parameter tensors to the output tensor (e.g. a
+    ``torch.func.functional_call``). ``jacobian`` picks how ``J v`` is computed (see the module
+    docstring). Tangents and cotangents are taken in the parameters' and outputs' own dtypes.
+
+    ``verify`` (double-VJP only): check, one reverse pass per parameter, that every parameter's
+    ``Jᵀ u`` is differentiable in ``u``, and raise ``RuntimeError`` naming the first that is not.
+    A backward that is not differentiable (``once_differentiable``, or computed outside
+    autograd) is otherwise invisible: autograd skips the graph piece that would raise, and ``J v``
+    silently loses that parameter's columns. The graph's structure does not change from batch to
+    batch, so a caller that re-linearizes the same model may verify once.
+    """
+    if jacobian == "forward":
+        outputs, vjp_fn = torch.func.vjp(forward, params)
+        outputs = _one_tensor(outputs)
+
+        def forward_jvp(v: Params) -> Tensor:
+            _, jv = torch.func.jvp(forward, (params,), (v,))
+            return jv
+
+        def forward_vjp(u: Tensor) -> Params:
+            (grads,) = vjp_fn(u)
+            return grads
+
+        return Linearization(outputs.detach(), forward_jvp, forward_vjp)
+    if jacobian != "double_vjp":
+        raise ValueError(f"jacobian must be one of {JACOBIAN_PRODUCTS}, got {jacobian!r}")
+    # Plain autograd rather than torch.func here: a torch.func VJP of a backward that is not
+    # differentiable (a once_differentiable autograd.Function) returns zeros without a word,
+    # where autograd raises.
+    names = list(params)
+    with torch.enable_grad():
+        leaves = [params[name].detach().requires_grad_() for name in names]
+        outputs = _one_tensor(forward(dict(zip(names, leaves, strict=True))))
+        # Jᵀu is linear in u, so J v does not depend on the point u₀ it is differentiated at. A
+        # generic u₀ (from a private generator: the caller's random stream is left alone) rather
+        # than 0 makes a gradient that lost its graph show up as a nonzero constant.
+        u0 = torch.randn(
+            outputs.shape, generator=torch.Generator().manual_seed(0), dtype=outputs.dtype
+        ).to(outputs.device).requires_grad_()
+        grads = torch.autograd.grad(outputs, leaves, u0, create_graph=True, allow_unused=True)
+    linked: list[tuple[str, Tensor]] = []
+    for name, g in zip(names, grads, strict=True):
+        if g is None:
+            continue  # the parameter does not reach the outputs: its Jacobian columns are 0
+        if g.grad_fn is None:
+            if bool(g.any()):
+                raise RuntimeError(
+                    f"the backward pass to parameter {name!r} is not differentiable (its "
+                    "gradient has no graph), so no Jacobian-vector product goes through it"
+                )
+            continue  # a derivative that is identically zero (e.g. of torch.round)
+        linked.append((name, g))
+    if verify:
+        _verify_differentiable(linked, u0)
+
+    def reverse_jvp(v: Params) -> Tensor:
+        if not linked:
+            return torch.zeros_like(outputs)
+        (jv,) = torch.autograd.grad(
+            [g for _, g in linked],
+            u0,
+            [v[name].to(g.dtype) for name, g in linked],
+            retain_graph=True,
+        )
+        return jv
+
+    def reverse_vjp(u: Tensor) -> Params:
+        grads = torch.autograd.grad(
+            outputs, leaves, u, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        return dict(zip(names, grads, strict=True))
+
+    return Linearization(outputs.detach(), reverse_jvp, reverse_vjp)
+
+
+def _verify_differentiable(linked: list[tuple[str, Tensor]], u0: Tensor) -> None:
+    """Raise unless each ``g = Jᵀ u₀`` of ``linked`` carries its whole dependence on ``u₀``.
+
+    For ``w = g`` held fixed, ``⟨∇_u ⟨Jᵀu, w⟩, u₀⟩ = ⟨J w, u₀⟩ = ⟨w, Jᵀu₀⟩ = ‖g‖²``. A piece of
+    the graph that does not lead back to ``u₀`` drops its share of the left side. Both sides are
+    rounded sums in the model's dtype, equal to well within ``sqrt(eps)`` relative.
+    """
+    for name, g in linked:
+        (r,) = torch.autograd.grad(
+            g, u0, g.detach(), retain_graph=True, allow_unused=True
+        )
+        expected = float(g.detach().double().square().sum())
+        found = 0.0 if r is None else float((r.double() * u0.detach().double()).sum())
+        tolerance = math.sqrt(torch.finfo(g.dtype).eps) * expected
+        if not abs(found - expected) <= tolerance:
+            raise RuntimeError(
+                f"the backward pass to parameter {name!r} is not differentiable (part of its "
+                "graph does not lead back to the output cotangent), so no Jacobian-vector "
+                "product goes through it"
+            )
+
+
 def gauss_newton_operator(
     forward: Callable[[Params], Tensor],
     params: Params,
     loss: OutputLoss,
     compute_dtype: torch.dtype = torch.float32,
+    jacobian: JacobianProducts = "forward",
 ) -> Callable[[Params], Params]:
     """``v ↦ Jᵀ H J v`` at ``params`` for ``z = forward(params)``, as dicts shaped like ``params``.
 
-    ``forward`` maps a dict of parameter tensors to the output tensor (e.g. a
-    ``torch.func.functional_call``). The VJP is linearized once here; every call of the returned
-    function costs one JVP and one VJP. ``H`` is applied in ``compute_dtype``; the tangents and
-    cotangents are cast to the parameters' and outputs' own dtypes.
+    Linearizes once (:func:`linearize`, ``jacobian`` picks how ``J v`` is computed); every call of
+    the returned function costs one Jacobian product each way. ``H`` is applied in
+    ``compute_dtype``; the tangents and cotangents are cast to the parameters' and outputs' own
+    dtypes.
     """
     if loss not in OUTPUT_LOSSES:
         raise ValueError(f"loss must be one of {OUTPUT_LOSSES}, got {loss!r}")
-    outputs, vjp_fn = torch.func.vjp(forward, params)
-    if not isinstance(outputs, Tensor):
-        raise TypeError(
-            f"the model must return one Tensor of outputs, got {type(outputs).__name__}"
-        )
+    lin = linearize(forward, params, jacobian)
+    return partial(gauss_newton_product, lin, params, loss, compute_dtype)
 
-    def product(v: Params) -> Params:
-        tangents = {name: v[name].to(params[name].dtype) for name in params}
-        _, jv = torch.func.jvp(forward, (params,), (tangents,))
-        hjv = output_hessian_product(loss, outputs, jv.to(compute_dtype))
-        (grads,) = vjp_fn(hjv.to(outputs.dtype))
-        return grads
 
-    return product
+def gauss_newton_product(
+    lin: Linearization, params: Params, loss: OutputLoss, compute_dtype: torch.dtype, v: Params
+) -> Params:
+    """``Jᵀ H J v`` for the linearization ``lin`` at ``params`` (:func:`gauss_newton_operator`)."""
+    tangents = {name: v[name].to(params[name].dtype) for name in params}
+    jv = lin.jvp(tangents)
+    hjv = output_hessian_product(loss, lin.outputs, jv.to(compute_dtype))
+    return lin.vjp(hjv.to(lin.outputs.dtype))
 
 
 @dataclass(frozen=True)
