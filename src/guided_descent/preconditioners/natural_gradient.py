@@ -1,11 +1,16 @@
 """Exact damped natural-gradient / Gauss–Newton steps by conjugate gradient, matrix-free.
 
 For a model ``f(θ; x)`` with outputs ``z`` and a loss ``L(z)``, the generalized Gauss–Newton
-matrix is ``G = Jᵀ H J`` with ``J = ∂z/∂θ`` and ``H = ∂²L/∂z²``. For the two losses here it is
+matrix is ``G = Jᵀ H J`` with ``J = ∂z/∂θ`` and ``H = ∂²L/∂z²``. For the losses here it is
 also the Fisher of the matching likelihood (Martens 2014, arXiv 1412.1193):
 
 * ``"mse"`` -- ``F.mse_loss(z, y)`` with its default mean over all ``M`` output entries:
   ``H = (2/M) I``; a Gaussian likelihood's Fisher.
+* ``"half_squared_error"`` -- ``0.5 * (z - y).square().sum() / N``: half the squared error
+  summed over each example's outputs, averaged over the ``N`` examples (dimension 0):
+  ``H = I/N``. The same Gaussian model as ``"mse"`` with another scale, and the scale matters:
+  a loss ``c`` times another has ``c`` times its ``G``, so naming the wrong one scales every
+  step by ``1/c``.
 * ``"cross_entropy"`` -- ``F.cross_entropy(z, y)`` on logits ``(N, C)`` or ``(N, C, *)`` (class
   dimension 1) with its default mean over the ``R`` predictions: ``H = (diag p − p pᵀ)/R`` per
   prediction, ``p = softmax(z)``; the softmax likelihood's Fisher.
@@ -36,7 +41,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-OutputLoss = Literal["mse", "cross_entropy"]
+OutputLoss = Literal["mse", "half_squared_error", "cross_entropy"]
 OUTPUT_LOSSES: tuple[str, ...] = get_args(OutputLoss)
 JacobianProducts = Literal["forward", "double_vjp"]
 JACOBIAN_PRODUCTS: tuple[str, ...] = get_args(JacobianProducts)
@@ -47,12 +52,15 @@ Params = dict[str, Tensor]
 def output_hessian_product(loss: OutputLoss, outputs: Tensor, v: Tensor) -> Tensor:
     """``H v`` for the loss's Hessian ``H`` with respect to the model outputs (shape of ``v``).
 
-    ``mse``: ``2 v / M`` (``M = outputs.numel()``). ``cross_entropy``: per prediction,
-    ``(p ⊙ v − p (pᵀ v)) / R`` with ``p`` the softmax over dimension 1 and ``R`` the number of
-    predictions. Computed in ``v``'s dtype.
+    ``mse``: ``2 v / M`` (``M = outputs.numel()``). ``half_squared_error``: ``v / N``
+    (``N = outputs.shape[0]``). ``cross_entropy``: per prediction, ``(p ⊙ v − p (pᵀ v)) / R``
+    with ``p`` the softmax over dimension 1 and ``R`` the number of predictions. Computed in
+    ``v``'s dtype.
     """
     if loss == "mse":
         return v * (2.0 / outputs.numel())
+    if loss == "half_squared_error":
+        return v / _examples(outputs)
     if loss == "cross_entropy":
         class_dim = 1 if outputs.dim() >= 2 else 0
         p = torch.softmax(outputs.detach().to(v.dtype), dim=class_dim)
@@ -60,6 +68,108 @@ def output_hessian_product(loss: OutputLoss, outputs: Tensor, v: Tensor) -> Tens
         pv = p * v
         return (pv - p * pv.sum(class_dim, keepdim=True)) / predictions
     raise ValueError(f"loss must be one of {OUTPUT_LOSSES}, got {loss!r}")
+
+
+def _examples(outputs: Tensor) -> int:
+    return outputs.shape[0] if outputs.dim() else 1
+
+
+def output_loss_change(
+    loss: OutputLoss, outputs: Tensor, output_grad: Tensor, delta: Tensor
+) -> float:
+    """``L(z + Δ) − L(z)`` for the loss ``L`` whose gradient at ``z = outputs`` is ``output_grad``.
+
+    The targets need not be known: for these losses the change is ``⟨∇L(z), Δ⟩`` plus a term in
+    ``z`` and ``Δ`` alone (the loss's Bregman divergence), whatever the targets (hard or soft):
+
+    * ``mse``: ``‖Δ‖²/M``; ``half_squared_error``: ``‖Δ‖²/(2N)``;
+    * ``cross_entropy``: ``(1/R) Σ_r [lse(z_r + Δ_r) − lse(z_r) − p_rᵀ Δ_r]`` over the ``R``
+      predictions (``lse`` = log-sum-exp over classes, ``p_r = softmax(z_r)``), written as
+      ``logsumexp(log p_r + Δ_r) − p_rᵀ Δ_r``.
+
+    In float64: the divergence is a small difference of larger numbers.
+    """
+    z, g, d = (t.detach().double() for t in (outputs, output_grad, delta))
+    linear = float((g * d).sum())
+    if loss == "mse":
+        return linear + float(d.square().sum()) / z.numel()
+    if loss == "half_squared_error":
+        return linear + 0.5 * float(d.square().sum()) / _examples(z)
+    if loss == "cross_entropy":
+        class_dim = 1 if z.dim() >= 2 else 0
+        log_p = torch.log_softmax(z, class_dim)
+        divergence = torch.logsumexp(log_p + d, class_dim) - (log_p.exp() * d).sum(class_dim)
+        return linear + float(divergence.sum()) / divergence.numel()
+    raise ValueError(f"loss must be one of {OUTPUT_LOSSES}, got {loss!r}")
+
+
+def model_loss_change(loss: OutputLoss, outputs: Tensor, output_grad: Tensor, jd: Tensor) -> float:
+    """The Gauss–Newton model's prediction of that change for a step ``δ`` with ``J δ = jd``:
+    ``⟨∇L(z), J δ⟩ + ½ ⟨J δ, H J δ⟩`` (undamped; in float64)."""
+    g, jd64 = output_grad.detach().double(), jd.detach().double()
+    curvature = float((jd64 * output_hessian_product(loss, outputs.double(), jd64)).sum())
+    return float((g * jd64).sum()) + 0.5 * curvature
+
+
+@dataclass(frozen=True)
+class LevenbergMarquardt:
+    """Adapt the damping to how well the Gauss–Newton model predicted the last step.
+
+    Martens 2010, §4.1: with the reduction ratio ``ρ = (actual change of the loss) / (change the
+    undamped quadratic model predicted)``, multiply the damping by ``increase`` when
+    ``ρ < low`` (the model over-promised: trust it less) and by ``decrease`` when ``ρ > high``.
+    The factor stays in ``[min_scale, max_scale]`` times the configured damping: the floor
+    keeps a rank-deficient minibatch ``G`` damped, the ceiling bounds the way back.
+    """
+
+    low: float = 0.25
+    high: float = 0.75
+    increase: float = 1.5
+    decrease: float = 2.0 / 3.0
+    min_scale: float = 1e-4
+    max_scale: float = 1e4
+    reject_below: float | None = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.low <= self.high:
+            raise ValueError(f"LevenbergMarquardt: need 0 <= low <= high, got low={self.low!r}, "
+                             f"high={self.high!r}")
+        if not (self.increase > 1.0 and math.isfinite(self.increase)):
+            raise ValueError(f"LevenbergMarquardt: increase must be > 1, got {self.increase!r}")
+        if not 0.0 < self.decrease < 1.0:
+            raise ValueError(f"LevenbergMarquardt: decrease must be in (0, 1), got "
+                             f"{self.decrease!r}")
+        if not 0.0 < self.min_scale <= 1.0 <= self.max_scale < math.inf:
+            raise ValueError(f"LevenbergMarquardt: need 0 < min_scale <= 1 <= max_scale < inf, "
+                             f"got {self.min_scale!r}, {self.max_scale!r}")
+
+    def accepts(self, rho: float | None) -> bool:
+        """Whether to take a step with reduction ratio ``rho`` (``None``: unknown, take it)."""
+        return rho is None or self.reject_below is None or rho >= self.reject_below
+
+    def update(self, scale: float, rho: float | None) -> float:
+        """The next damping scale after a step with reduction ratio ``rho`` (``None``: keep)."""
+        if rho is None:
+            return scale
+        if not rho >= self.low:  # NaN counts as a failed prediction
+            scale *= self.increase
+        elif rho > self.high:
+            scale *= self.decrease
+        return min(max(scale, self.min_scale), self.max_scale)
+
+
+def reduction_ratio(actual: float, predicted: float) -> float | None:
+    """``ρ = actual / predicted`` loss change, for a step the model predicted to lower the loss.
+
+    A step the model does not predict to lower it (``predicted >= 0``: past the model's minimum
+    with ``lr > 2``, or turned by momentum or weight decay) has no meaningful ratio: ``-inf`` if
+    the loss rose (or is not finite), else ``None`` (no evidence either way).
+    """
+    if not math.isfinite(actual) or (not predicted < 0.0 and actual > 0.0):
+        return -math.inf
+    if not (predicted < 0.0 and math.isfinite(predicted)):
+        return None
+    return actual / predicted
 
 
 @dataclass(frozen=True)
