@@ -180,9 +180,10 @@ def _capture_output_grad(
     output: Any,
 ) -> None:
     opt = ref()
-    if opt is None or opt._replaying or opt._batch is None or not isinstance(output, Tensor):
+    # The pre-hook's conditions: a forward it did not record must not pair with an older batch.
+    if opt is None or opt._replaying or not module.training or not torch.is_grad_enabled():
         return
-    if output.requires_grad:
+    if opt._batch is not None and isinstance(output, Tensor) and output.requires_grad:
         # Paired with this forward's batch: a later forward replaces the batch, and a gradient
         # arriving for an older one lands on that old record, not on the new one.
         output.register_hook(opt._batch.keep_output_grad)
@@ -247,13 +248,17 @@ def _describe_module(name: str, module: nn.Module) -> str:
 def _failing_module(model: nn.Module, attempt: Callable[[], Any]) -> str:
     """The innermost module that was running when ``attempt()`` raised (how it is named)."""
     running: list[str] = []
+
+    def leave(*_: Any) -> None:  # returns None: a forward hook's return replaces the output
+        running.pop()
+
     handles = []
     for name, module in model.named_modules():
         described = _describe_module(name, module)
         handles.append(module.register_forward_pre_hook(
             lambda *_, d=described: running.append(d)
         ))
-        handles.append(module.register_forward_hook(lambda *_: running.pop()))
+        handles.append(module.register_forward_hook(leave))
     try:
         attempt()
     except Exception:
@@ -509,6 +514,8 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
                 accepted = self._adapt(lin, forward, primals, updated, batch.output_grad)
             if not accepted:
                 self._rejected_steps += 1
+                for _, p in entries:
+                    self._observe(p, update_rms=torch.zeros((), device=p.device))
                 return
         for (_, p), name in zip(entries, names, strict=True):
             p.copy_(updated[name])
@@ -719,7 +726,7 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         self, group: dict[str, Any], p: Tensor, u: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """``p``'s value after the step along ``u``, and its new momentum buffer (``None``
-        without momentum); neither is stored yet."""
+        without momentum); neither is stored yet (the step's RMS is recorded)."""
         momentum = float(group["momentum"])
         buf = None
         if momentum != 0.0:
@@ -728,7 +735,7 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
             buf = u.to(p.dtype) if old is None else old.mul(momentum).add_(u.to(old.dtype))
             u = buf
         lr = float(group["lr"])
-        self._observe(p, update_rms=rms(u, lr))
+        self._observe(p, update_rms=rms(u, lr))  # replaced by 0 if the step is rejected
         shrink = 1.0 - lr * float(group["weight_decay"])
         # Low-precision parameters: one rounding, after the float32 arithmetic.
         new = p.to(u.dtype, copy=True)
