@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from guided_descent.preconditioners.natural_gradient import (
     gauss_newton_operator,
     model_loss_change,
     output_loss_change,
+    reduction_ratio,
 )
 
 # torch's forward-mode AD scripts its decompositions on first use and warns that it does so.
@@ -331,12 +334,14 @@ def compiled_step(how: str, backend: str = "inductor"):
 
 
 @pytest.mark.slow
-def test_a_model_compiled_with_inductor_steps_as_the_eager_one():
-    opt, stepped, expected = compiled_step("create from compiled", "inductor")
+@pytest.mark.parametrize("how", ["compile after create", "create from compiled"])
+def test_a_model_compiled_with_inductor_steps_as_the_eager_one(how):
+    opt, stepped, expected = compiled_step(how, "inductor")
     torch.testing.assert_close(stepped, expected, rtol=1e-10, atol=1e-12)
     # Names as the user's module spells them (an OptimizedModule prefixes `_orig_mod.`).
     names = [e["name"] for e in opt.diagnostics()["params"]]
-    assert names[:2] == ["_orig_mod.0.weight", "_orig_mod.0.bias"]
+    prefix = "_orig_mod." if how == "create from compiled" else ""
+    assert names[:2] == [f"{prefix}0.weight", f"{prefix}0.bias"]
 
 
 @pytest.mark.parametrize("how", ["compile after create", "create from compiled", "in place"])
@@ -490,7 +495,7 @@ def test_attention_and_recurrent_models_train_at_the_defaults(kind):
     losses = []
     for _ in range(10):
         loss = F.cross_entropy(model(x), y)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -723,3 +728,15 @@ def test_levenberg_marquardt_rule():
         LevenbergMarquardt(increase=0.5)
     with pytest.raises(ValueError, match="adaptive_damping.*'yes'"):
         gd.create("natural_gradient", mlp(), loss="mse", adaptive_damping="yes")
+
+
+def test_the_reduction_ratio_needs_a_measurable_prediction():
+    assert reduction_ratio(-0.5, -1.0) == 0.5
+    assert reduction_ratio(0.2, -1.0) == -0.2
+    assert reduction_ratio(0.1, 0.3) == -math.inf  # the model saw no decrease; the loss rose
+    assert reduction_ratio(-0.1, 0.3) is None
+    assert reduction_ratio(float("nan"), -1.0) == -math.inf
+    # Within the rounding noise of the measured change there is no evidence either way.
+    assert reduction_ratio(1e-9, -2e-9, noise=1e-9) is None
+    assert reduction_ratio(5e-9, -2e-9, noise=1e-9) == -math.inf
+    assert reduction_ratio(1e-9, -1e-7, noise=1e-9) == pytest.approx(-0.01)

@@ -103,6 +103,7 @@ from guided_descent.preconditioners.natural_gradient import (
     conjugate_gradient,
     gauss_newton_product,
     linearize,
+    loss_change_noise,
     model_loss_change,
     output_loss_change,
     reduction_ratio,
@@ -574,7 +575,8 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         with torch.no_grad():
             outputs = forward(moved)
         actual = output_loss_change(loss, lin.outputs, output_grad, outputs - lin.outputs)
-        self.last_ratio = reduction_ratio(actual, predicted)
+        noise = loss_change_noise(lin.outputs, output_grad)
+        self.last_ratio = reduction_ratio(actual, predicted, noise)
         rule = self.settings.adaptation
         assert rule is not None
         self._damping_scale = rule.update(self._damping_scale, self.last_ratio)

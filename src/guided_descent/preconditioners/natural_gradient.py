@@ -119,7 +119,9 @@ class LevenbergMarquardt:
     undamped quadratic model predicted)``, multiply the damping by ``increase`` when
     ``ρ < low`` (the model over-promised: trust it less) and by ``decrease`` when ``ρ > high``.
     The factor stays in ``[min_scale, max_scale]`` times the configured damping: the floor
-    keeps a rank-deficient minibatch ``G`` damped, the ceiling bounds the way back.
+    keeps a rank-deficient minibatch ``G`` damped, the ceiling bounds the way back. A step with
+    ``ρ < reject_below`` (default 0: the step raised the loss of its own batch) is not taken;
+    ``None`` takes every step.
     """
 
     low: float = 0.25
@@ -142,6 +144,9 @@ class LevenbergMarquardt:
         if not 0.0 < self.min_scale <= 1.0 <= self.max_scale < math.inf:
             raise ValueError(f"LevenbergMarquardt: need 0 < min_scale <= 1 <= max_scale < inf, "
                              f"got {self.min_scale!r}, {self.max_scale!r}")
+        if self.reject_below is not None and not self.reject_below <= self.low:
+            raise ValueError(f"LevenbergMarquardt: reject_below must be None or <= low, got "
+                             f"{self.reject_below!r}")
 
     def accepts(self, rho: float | None) -> bool:
         """Whether to take a step with reduction ratio ``rho`` (``None``: unknown, take it)."""
@@ -158,18 +163,29 @@ class LevenbergMarquardt:
         return min(max(scale, self.min_scale), self.max_scale)
 
 
-def reduction_ratio(actual: float, predicted: float) -> float | None:
+def reduction_ratio(actual: float, predicted: float, noise: float = 0.0) -> float | None:
     """``ρ = actual / predicted`` loss change, for a step the model predicted to lower the loss.
 
-    A step the model does not predict to lower it (``predicted >= 0``: past the model's minimum
-    with ``lr > 2``, or turned by momentum or weight decay) has no meaningful ratio: ``-inf`` if
-    the loss rose (or is not finite), else ``None`` (no evidence either way).
+    ``noise`` bounds the rounding error of ``actual`` (see :func:`loss_change_noise`). A step the
+    model does not predict to lower the loss by more than ``4 · noise`` (``predicted >= 0``:
+    past the model's minimum with ``lr > 2``, or turned by momentum or weight decay; or a step
+    too small to measure) has no meaningful ratio: ``-inf`` if the loss clearly rose (or is not
+    finite), else ``None`` (no evidence either way). Beyond that, ``ρ`` is off by at most 1/4.
     """
-    if not math.isfinite(actual) or (not predicted < 0.0 and actual > 0.0):
+    if not math.isfinite(actual):
         return -math.inf
-    if not (predicted < 0.0 and math.isfinite(predicted)):
-        return None
+    if not (predicted < -4.0 * noise and math.isfinite(predicted)):
+        return -math.inf if actual > noise else None
     return actual / predicted
+
+
+def loss_change_noise(outputs: Tensor, output_grad: Tensor) -> float:
+    """A bound on the rounding error of :func:`output_loss_change` from outputs computed in
+    their own dtype: each output of two forward passes is off by a few ``eps · |z|`` (64 is
+    generous for the small models natural gradient is for), weighted by ``|∇L(z)|``."""
+    eps = torch.finfo(outputs.dtype).eps
+    weighted = output_grad.detach().double().abs() * outputs.detach().double().abs()
+    return 64.0 * eps * float(weighted.sum())
 
 
 @dataclass(frozen=True)
