@@ -22,7 +22,9 @@ from guided_descent.preconditioners.natural_gradient import (
 )
 
 # torch's forward-mode AD scripts its decompositions on first use and warns that it does so.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated", "ignore:`torch.jit.script_method` is deprecated"
+)
 # Tests of one step against a dense solve with a given damping, over several steps, turn off its
 # Levenberg–Marquardt adaptation (tested on its own below).
 FIXED_DAMPING = {"adaptive_damping": False}
