@@ -66,8 +66,18 @@ def closure_for(model: nn.Module, opt: torch.optim.Optimizer, batch):
     return closure
 
 
+# Hyper-parameters an optimizer cannot do without: natural gradient must be told the training
+# loss (here loss_fn, a mean squared error).
+REQUIRED: dict[str, dict[str, str]] = {"natural_gradient": {"loss": "mse"}}
+
+
+def create(name: str, target, **hp) -> torch.optim.Optimizer:
+    """``gd.create`` with what ``name`` requires (:data:`REQUIRED`) filled in."""
+    return gd.create(name, target, **{**REQUIRED.get(name, {}), **hp})
+
+
 def build(name: str, model: nn.Module, **hp) -> torch.optim.Optimizer:
-    return gd.create(name, model, **hp)
+    return create(name, model, **hp)
 
 
 def params_of(model: nn.Module) -> list[torch.Tensor]:

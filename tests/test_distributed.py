@@ -59,6 +59,8 @@ HYPER: dict[str, dict[str, Any]] = {
     "shampoo": {"precondition_frequency": 3},
     "soap": {"precondition_frequency": 3},
     "kfac": {"inverse_frequency": 3},
+    # Required; the GPT's (B, T, V) logits are not its (N, C, *) layout, moot as it fails anyway.
+    "natural_gradient": {"loss": "cross_entropy"},
 }
 # natural_gradient re-runs the model inside step() with torch.func; through a DDP module that
 # fails, and on the bare module every rank would solve with its own half-batch curvature.

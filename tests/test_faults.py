@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_contract import loss_fn, make_batch, make_model
+from test_contract import create, loss_fn, make_batch, make_model
 from torch import nn
 
 import guided_descent as gd
@@ -85,7 +85,7 @@ def without_tag(state_dict: dict) -> dict:
 def test_a_nonfinite_step_leaves_params_and_state_as_if_it_never_happened(name, bad, which, value):
     data = batches(5)
     seen, clean = make_model(), make_model()
-    opt_seen, opt_clean = gd.create(name, seen), gd.create(name, clean)
+    opt_seen, opt_clean = create(name, seen), create(name, clean)
     for k, batch in enumerate(data):
         backward(seen, opt_seen, batch)
         if k in bad:
@@ -107,7 +107,7 @@ def test_a_nonfinite_step_leaves_params_and_state_as_if_it_never_happened(name, 
 @pytest.mark.parametrize("name", NAMES)
 def test_raise_policy_names_the_parameters_and_changes_nothing(name):
     model = make_model()
-    opt = gd.create(name, model, on_nonfinite="raise")
+    opt = create(name, model, on_nonfinite="raise")
     batch = make_batch()
     backward(model, opt, batch)
     opt.step()
@@ -135,7 +135,7 @@ def test_raise_policy_names_the_parameters_and_changes_nothing(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_closure_loss_is_returned_when_the_step_is_skipped(name):
     model = make_model()
-    opt = gd.create(name, model)
+    opt = create(name, model)
     batch = make_batch()
 
     def closure():
@@ -197,7 +197,7 @@ def test_torch_native_names_keep_torch_step_hooks_running_once():
 @pytest.mark.parametrize("name", NAMES)
 def test_skip_counter_round_trips_and_old_state_dicts_load(name):
     model = make_model()
-    opt = gd.create(name, model)
+    opt = create(name, model)
     for bad in (True, False, True, False):
         backward(model, opt, make_batch())
         if bad:
@@ -208,14 +208,14 @@ def test_skip_counter_round_trips_and_old_state_dicts_load(name):
 
     twin = make_model()
     twin.load_state_dict(model.state_dict())
-    resumed = gd.create(name, twin)
+    resumed = create(name, twin)
     resumed.load_state_dict(saved)
     assert resumed.diagnostics()["skipped_steps"] == 2
     assert resumed.diagnostics()["steps"] == 2
 
     untagged = make_model()
     untagged.load_state_dict(model.state_dict())
-    older = gd.create(name, untagged)
+    older = create(name, untagged)
     older.load_state_dict(without_tag(saved))  # as saved before the tag existed
     assert older.diagnostics()["skipped_steps"] == 0
 
@@ -259,7 +259,7 @@ def test_eigh_failure_keeps_the_previous_preconditioner_and_is_reported(
     monkeypatch, name, hp, keys
 ):
     model = net()
-    opt = gd.create(name, model, **hp)
+    opt = create(name, model, **hp)
     for seed in range(2):
         train_step(model, opt, seed)
     hidden = model[2].weight
@@ -358,7 +358,7 @@ class FreeParameter(nn.Module):
 def test_natural_gradient_falls_back_to_the_gradient_when_cg_breaks_down():
     torch.manual_seed(0)
     model = FreeParameter()
-    opt = gd.create("natural_gradient", model, damping=0.0, lr=0.25)
+    opt = gd.create("natural_gradient", model, loss="mse", damping=0.0, lr=0.25)
     x = torch.randn(4, 2, dtype=torch.float64)
     opt.zero_grad()
     # Only `free` gets a gradient, and G·g = 0: CG breaks down on its first product.
@@ -379,7 +379,7 @@ def test_natural_gradient_replaces_a_nonfinite_solve_by_the_gradient(monkeypatch
 
     monkeypatch.setattr(ng_shell, "conjugate_gradient", nan_solve)
     model = nn.Sequential(nn.Linear(3, 2)).double()
-    opt = gd.create("natural_gradient", model, lr=0.1)
+    opt = gd.create("natural_gradient", model, loss="mse", lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
     model(torch.randn(5, 3, dtype=torch.float64)).pow(2).mean().backward()
@@ -417,7 +417,7 @@ BAD_CONFIG = [
 def test_create_names_the_bad_value_and_the_accepted_range(name, key, bad, accepted):
     model = make_model()
     with pytest.raises(ValueError) as err:
-        gd.create(name, model, **{key: bad})
+        create(name, model, **{key: bad})
     message = str(err.value)
     assert key in message and repr(bad) in message and accepted in message, message
     # Checked before anything was built: no layer hooks were left on the model.
@@ -427,9 +427,9 @@ def test_create_names_the_bad_value_and_the_accepted_range(name, key, bad, accep
 @pytest.mark.parametrize("name", NAMES)
 def test_every_optimizer_takes_the_policy_and_rejects_unknown_ones(name):
     assert "on_nonfinite" in gd.optimizers()[name].hyperparams
-    assert gd.create(name, make_model(), on_nonfinite="raise").on_nonfinite == "raise"
+    assert create(name, make_model(), on_nonfinite="raise").on_nonfinite == "raise"
     with pytest.raises(ValueError, match=r"on_nonfinite must be one of \('skip', 'raise', 'off'\)"):
-        gd.create(name, make_model(), on_nonfinite="sometimes")
+        create(name, make_model(), on_nonfinite="sometimes")
 
 
 def test_classes_built_directly_validate_too():

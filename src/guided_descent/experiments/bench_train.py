@@ -389,7 +389,7 @@ WORKLOADS: dict[str, Workload] = {
                               text="Shampoo / K-FAC / SOAP << Adam < SGD-momentum"),),
             expected="Shampoo / K-FAC / SOAP << Adam < SGD-momentum (a Kronecker preconditioner "
             "is exact here)",
-            ng_loss="mse",
+            ng_loss="half_squared_error",  # kron_quadratic.loss_fn: ½ Σ_outputs, mean over batch
             ci={"steps": 200, "eval_every": 10, "optimizers": ("adamw", "shampoo")},
         ),
         Workload(
@@ -612,7 +612,8 @@ class Config(ExperimentConfig):
                                  "their library's defaults)")
             if name not in self.names():
                 raise ValueError(f"hyper: {name} is not among the optimizers of this run")
-            _check_hyper(name, kwargs)
+            required = {"loss": workload.ng_loss} if name == "natural_gradient" else {}
+            _check_hyper(name, {**required, **kwargs})
         if AUTO in self.optimizers and len(self.optimizers) > 1:
             raise ValueError("optimizers: 'auto' cannot be combined with other names")
         for name in ("budget_steps", "batch_size", "eval_every", "warmup_steps"):
