@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from guided_descent.linalg.newton_schulz import (
@@ -158,6 +158,8 @@ def test_close_to_the_exact_polar_factor_when_well_conditioned(shape, kind, dtyp
     n=st.integers(1, 12),
     seed=st.integers(0, 2**16),
 )
+# Reported from an AMD EPYC (1.2e-6 over the old 1e-6 atol); on the Xeon this seed exceeds it too.
+@example(batch=[3, 3], m=3, n=3, seed=42)
 def test_batched_equals_per_matrix(batch, m, n, seed):
     g = torch.Generator().manual_seed(seed)
     G = torch.randn(*batch, m, n, generator=g)
