@@ -18,12 +18,14 @@ win over the seed, so under ``ci`` a given seed switches to the same profile wit
 import os
 
 import pytest
-import torch
 from hypothesis import settings
 
 # Under pytest-xdist each worker is its own process: one torch thread each keeps the 2-core CI
-# machine from being oversubscribed.
+# machine from being oversubscribed. (torch is imported only then: the tests import it anyway,
+# and test_hypothesis_profiles.py runs child pytests on this file that need no torch.)
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
     torch.set_num_threads(1)
 
 # The built-in "ci" profile of Hypothesis is close to this; ours is spelled out so that it does
