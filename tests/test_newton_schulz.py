@@ -108,9 +108,10 @@ def test_float32_compute_equals_the_polynomial_of_the_singular_values(shape, kin
     # Not a worst case: rounding_bound is 0.11 for 48x24, it assumes every rounding aligned with
     # the most amplified direction. A typical-error budget instead: the normalization and each
     # step leave errors of about one rounding (u = 2^-24) in Frobenius norm, amplified by the
-    # remaining steps' slopes at most 485, 141, 41, 18.5, 5.9 and 1 (slope_sup): 692 u = 4.1e-5;
-    # 1e-4 allows 2.4x that. Seen: 1.7e-5 to 2.1e-5 over 20 seeds of these shapes and spectra
-    # (κ = 1e10, exact zeros) with AVX-512/AMX, AVX2, generic ATen kernels, MKL/oneDNN on AVX2.
+    # remaining steps' slopes at most 485, 141, 41, 18.5, 5.9 and 1 (float_rounding.slope_sup):
+    # 692 u = 4.1e-5; 1e-4 allows 2.4x that. Seen: 1.7e-5 to 2.1e-5 over 20 seeds of these
+    # shapes and spectra (κ = 1e10, exact zeros) with AVX-512/AMX, AVX2, generic ATen kernels and
+    # MKL/oneDNN on AVX2.
     assert torch.linalg.matrix_norm(O.double() - ref, ord=2) <= 1e-4
     # Hence: every direction with s >= 1.07e-3 is in [0.5, 1.5] (in fact in [0.5, 1.2024]).
     d = gains(O, U, Vh)
