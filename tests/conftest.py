@@ -5,8 +5,8 @@ Hypothesis profiles (choose with ``HYPOTHESIS_PROFILE=NAME`` or ``--hypothesis-p
 * ``ci`` (the default, used by ``make test`` and CI): every run draws the same examples
   (``derandomize``), keeps no example database (so a failure found once on one machine is not
   replayed forever from a local ``.hypothesis/`` folder, and a run never depends on one), has no
-  deadline (timing on a shared 2-core machine is noise) and prints the blob that reproduces a
-  failure with ``@reproduce_failure``.
+  deadline and no "too slow" health check (timing on a shared 2-core machine is noise) and
+  prints the blob that reproduces a failure with ``@reproduce_failure``.
 * ``dev``: fresh random examples every run and the local example database, for exploring; a
   failure it finds is a real failure to fix, then to pin with ``@example``.
 
@@ -18,7 +18,7 @@ win over the seed, so under ``ci`` a given seed switches to the same profile wit
 import os
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 # Under pytest-xdist each worker is its own process: one torch thread each keeps the 2-core CI
 # machine from being oversubscribed. (torch is imported only then: the tests import it anyway,
@@ -31,7 +31,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # The built-in "ci" profile of Hypothesis is close to this; ours is spelled out so that it does
 # not change with Hypothesis versions, and replaces it under the same name.
 settings.register_profile(
-    "ci", derandomize=True, database=None, deadline=None, print_blob=True
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", deadline=None, print_blob=True)
 # Loaded here, at conftest import, because a test's own @settings(...) copies the active profile
