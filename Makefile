@@ -3,6 +3,9 @@
 #   make test   -- installs into .venv, then runs the test suite
 VENV ?= .venv
 PYTEST_ARGS ?= -n auto
+# Hypothesis profile of tests/conftest.py: "ci" draws the same examples every run and keeps no
+# example database; HYPOTHESIS_PROFILE=dev explores fresh examples.
+HYPOTHESIS_PROFILE ?= ci
 
 .PHONY: setup demo test clean
 
@@ -16,7 +19,7 @@ demo: setup
 	$(VENV)/bin/guided-descent run
 
 test: setup
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -105,6 +105,13 @@ def _check_run(run_dir: Path) -> list[dict]:
     report = (run_dir / "report.md").read_text()
     for png in run_dir.glob("*.png"):
         assert f"./{png.name}" in report, f"{png.name} not shown in the report"
+    # Every file gets a new file's usual mode (the child inherits this process's umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in run_dir.iterdir():
+        if path.is_file():
+            got = path.stat().st_mode & 0o777
+            assert got == 0o666 & ~umask, (path.name, oct(got))
     return claims
 
 

@@ -19,6 +19,7 @@ from guided_descent.schedules import (
     LinearWarmup,
     SqrtDecay,
     join,
+    one_cycle,
     scheduler,
 )
 
@@ -178,3 +179,129 @@ def test_scheduler_rejects_a_plain_function():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     with pytest.raises(TypeError, match="Schedule"):
         scheduler(opt, lambda t: 1.0)  # type: ignore[arg-type]
+
+
+def _muon_hybrid() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = _two_layer()
+    return model, gd.create("muon", model, lr=0.02, adamw_lr=3e-4)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, sched, steps: int) -> list[list[float]]:
+    """Run ``steps`` steps; the lrs of every group at each step (what that step ran with)."""
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+    for _ in range(steps):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        sched.step()
+    return seen
+
+
+def test_scalar_max_lr_one_cycle_flattens_the_groups_of_a_hybrid():
+    # The pitfall one_cycle exists for: torch's OneCycleLR gives every group the same peak.
+    model, opt = _muon_hybrid()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=20)
+    for lrs in _train(model, opt, sched, 20):
+        assert lrs[0] == lrs[1]  # Muon's 0.02 and AdamW's 3e-4 are gone
+
+
+@pytest.mark.parametrize("peak", [None, 0.05])
+def test_one_cycle_keeps_every_groups_ratio_through_the_cycle(peak):
+    model, opt = _muon_hybrid()
+    initial = [g["lr"] for g in opt.param_groups]
+    ref = initial[0]  # the Muon group
+    sched = one_cycle(opt, 40, peak=peak)
+    seen = _train(model, opt, sched, 40)
+    for lrs in seen:
+        for lr, lr0 in zip(lrs, initial, strict=True):
+            assert lr / lrs[0] == pytest.approx(lr0 / ref, rel=1e-12)
+    # The reference group runs exactly torch's scalar one-cycle at the requested peak.
+    top = ref if peak is None else peak
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    plain = torch.optim.lr_scheduler.OneCycleLR(
+        probe, max_lr=top, total_steps=40, cycle_momentum=False
+    )
+    expected = []
+    for _ in range(40):
+        expected.append(probe.param_groups[0]["lr"])
+        probe.step()
+        plain.step()
+    assert [lrs[0] for lrs in seen] == pytest.approx(expected, rel=1e-12)
+    assert max(lrs[0] for lrs in seen) == pytest.approx(top, rel=1e-12)
+    assert max(lrs[1] for lrs in seen) == pytest.approx(top * initial[1] / ref, rel=1e-12)
+    assert seen[0][0] == pytest.approx(top / 25)
+
+
+def test_one_cycle_on_mup_groups_keeps_the_per_layer_multipliers():
+    from guided_descent import mup
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)
+    )
+    plan = mup.parametrize(model, base, "adam")
+    opt = torch.optim.AdamW(plan.param_groups(lr=1e-2))
+    initial = [g["lr"] for g in opt.param_groups]
+    assert len(set(initial)) > 1
+    reference = initial.index(max(initial))
+    sched = one_cycle(opt, 12, peak=3e-2, reference=reference, anneal="linear", pct_start=0.25)
+    for lrs in _train(model, opt, sched, 12):
+        assert lrs[reference] <= 3e-2 * (1 + 1e-12)
+        for lr, lr0 in zip(lrs, initial, strict=True):
+            assert lr / lrs[reference] == pytest.approx(lr0 / initial[reference], rel=1e-12)
+
+
+def test_one_cycle_leaves_momentum_and_betas_alone():
+    model, opt = _muon_hybrid()
+    before = [(g.get("momentum"), g.get("betas")) for g in opt.param_groups]
+    _train(model, opt, one_cycle(opt, 10), 10)
+    assert [(g.get("momentum"), g.get("betas")) for g in opt.param_groups] == before
+
+
+def test_one_cycle_state_dict_is_plain_data_and_resumes():
+    model, opt = _muon_hybrid()
+    sched = one_cycle(opt, 20, peak=0.04)
+    _train(model, opt, sched, 7)
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    model2, opt2 = _muon_hybrid()
+    sched2 = one_cycle(opt2, 20, peak=0.04)
+    sched2.load_state_dict(state)
+    opt2.load_state_dict(opt.state_dict())
+    assert _train(model2, opt2, sched2, 5) == _train(model, opt, sched, 5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"total_steps": 0}, "total_steps must be an integer >= 1, got 0"),
+        ({"total_steps": 10.0}, "total_steps must be an integer >= 1, got 10.0"),
+        ({"total_steps": 10, "peak": -1.0}, "peak must be a finite number > 0, got -1.0"),
+        ({"total_steps": 10, "peak": math.nan}, "peak must be a finite number > 0, got nan"),
+        ({"total_steps": 10, "reference": 2}, "reference must be a param group index in"),
+        ({"total_steps": 10, "pct_start": 1.5}, "pct_start must be a number in"),
+        ({"total_steps": 10, "anneal": "exp"}, "anneal must be one of"),
+        ({"total_steps": 10, "div_factor": 0}, "div_factor must be a finite number > 0"),
+    ],
+)
+def test_one_cycle_rejects_bad_arguments_naming_them(kwargs, match):
+    _, opt = _muon_hybrid()
+    with pytest.raises(ValueError, match=match):
+        one_cycle(opt, **kwargs)
+
+
+def test_one_cycle_needs_a_reference_group_with_a_learning_rate():
+    opt = torch.optim.SGD(
+        [{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.0},
+         {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1}],
+        lr=0.1,
+    )
+    with pytest.raises(ValueError, match=r"param group 0 has lr 0.0"):
+        one_cycle(opt, 10, peak=0.5)
+    one_cycle(opt, 10)  # without peak there is no ratio to take: the frozen group stays at 0
+    assert opt.param_groups[0]["lr"] == 0.0

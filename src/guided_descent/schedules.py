@@ -27,6 +27,10 @@ Shapes, with ``u = t / steps`` clipped to ``[0, 1]``:
 * :class:`Join` (:func:`join`) -- pieces one after another, each on its own clock.
 
 Schedules act outside ``optimizer.step`` (DESIGN rule 3): no optimizer knows about them.
+
+For the 1cycle policy (Smith & Topin 2017, arXiv 1708.07120) use :func:`one_cycle`, not
+``OneCycleLR(opt, max_lr=scalar)``: a scalar ``max_lr`` gives every group the same peak, and by
+default ``OneCycleLR`` also overwrites every group's momentum or beta1 with one cycling value.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 CooldownShape = Literal["linear", "1-sqrt"]
 COOLDOWN_SHAPES: tuple[str, ...] = get_args(CooldownShape)
@@ -260,9 +264,95 @@ def scheduler(
     return LambdaLR(optimizer, lr_lambda=lr_lambda, last_epoch=last_epoch)
 
 
+AnnealShape = Literal["cos", "linear"]
+ANNEAL_SHAPES: tuple[str, ...] = get_args(AnnealShape)
+
+
+def _positive(owner: str, name: str, value: object) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0.0 < value < math.inf:  # type: ignore[operator]
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def one_cycle(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    *,
+    peak: float | None = None,
+    reference: int = 0,
+    pct_start: float = 0.3,
+    anneal: AnnealShape = "cos",
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    three_phase: bool = False,
+) -> OneCycleLR:
+    """A ``OneCycleLR`` that keeps every param group's learning rate in its ratio to the others.
+
+    ``OneCycleLR(opt, max_lr=0.02)`` gives *every* group the peak 0.02: a routed hybrid (Muon
+    groups at 0.02, AdamW groups at 3e-4) or a μP plan (per-layer multipliers) loses its ratios
+    for the whole run. Here each group's peak is its current ``lr`` times one factor, passed to
+    ``OneCycleLR`` as a list: the factor is 1 without ``peak`` (each group peaks at its own
+    ``lr``), else ``peak / lr`` of group ``reference``, which then peaks at exactly ``peak``.
+    Every group follows the same shape: from ``peak_g / div_factor`` up to ``peak_g`` over the
+    first ``pct_start`` of ``total_steps`` (cosine or linear ``anneal``), then down to
+    ``peak_g / (div_factor * final_div_factor)``; ``three_phase`` as in ``OneCycleLR``.
+
+    Momentum is not cycled (``cycle_momentum=False``): ``OneCycleLR`` picks ``momentum`` or
+    ``betas`` once, from ``optimizer.defaults``, and writes one value into every group -- a
+    Shampoo optimizer's Shampoo and AdamW groups would share one beta1, a Muon optimizer's AdamW
+    group would get a ``momentum`` it never reads.
+
+    Build it once, on an optimizer whose ``lr`` values are still the ones it was made with (the
+    scheduler itself moves them). Call ``.step()`` after each ``optimizer.step()``; the first step
+    runs at ``peak_g / div_factor``. Raises ``ValueError`` naming a bad argument.
+    """
+    owner = "one_cycle"
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"{owner}: total_steps must be an integer >= 1, got {total_steps!r}")
+    groups = optimizer.param_groups
+    if isinstance(reference, bool) or not isinstance(reference, int) or not (
+        0 <= reference < len(groups)
+    ):
+        raise ValueError(
+            f"{owner}: reference must be a param group index in [0, {len(groups) - 1}], "
+            f"got {reference!r}"
+        )
+    ok = isinstance(pct_start, (int, float)) and not isinstance(pct_start, bool)
+    if not ok or not 0.0 < pct_start < 1.0:
+        raise ValueError(f"{owner}: pct_start must be a number in (0, 1), got {pct_start!r}")
+    if anneal not in ANNEAL_SHAPES:
+        raise ValueError(f"{owner}: anneal must be one of {ANNEAL_SHAPES}, got {anneal!r}")
+    div_factor = _positive(owner, "div_factor", div_factor)
+    final_div_factor = _positive(owner, "final_div_factor", final_div_factor)
+    lrs = [float(g["lr"]) for g in groups]  # a tensor lr becomes its value
+    scale = 1.0
+    if peak is not None:
+        peak = _positive(owner, "peak", peak)
+        if not lrs[reference] > 0.0:
+            raise ValueError(
+                f"{owner}: param group {reference} has lr {lrs[reference]!r}, so peak={peak!r} "
+                "sets no ratio; choose another reference group"
+            )
+        scale = peak / lrs[reference]
+    return OneCycleLR(
+        optimizer,
+        max_lr=[scale * lr for lr in lrs],
+        total_steps=total_steps,
+        pct_start=float(pct_start),
+        anneal_strategy=anneal,
+        cycle_momentum=False,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        three_phase=three_phase,
+    )
+
+
 __all__ = [
+    "ANNEAL_SHAPES",
     "COOLDOWN_SHAPES",
     "WSD",
+    "AnnealShape",
     "Constant",
     "Cosine",
     "CooldownShape",
@@ -272,5 +362,6 @@ __all__ = [
     "Schedule",
     "SqrtDecay",
     "join",
+    "one_cycle",
     "scheduler",
 ]
