@@ -742,3 +742,36 @@ def test_the_reduction_ratio_needs_a_measurable_prediction():
     assert reduction_ratio(1e-9, -2e-9, noise=1e-9) is None
     assert reduction_ratio(5e-9, -2e-9, noise=1e-9) == -math.inf
     assert reduction_ratio(1e-9, -1e-7, noise=1e-9) == pytest.approx(-0.01)
+
+
+def test_class_dim_last_equals_flattened_logits():
+    """A language model's (B, T, V) logits with class_dim=-1 take the step of the same model
+    whose logits are flattened to (B*T, V) with the default class_dim=1."""
+
+    class LM(nn.Module):
+        def __init__(self, flat: bool) -> None:
+            super().__init__()
+            self.flat = flat
+            self.embed = nn.Embedding(7, 5)
+            self.out = nn.Linear(5, 7)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            logits = self.out(torch.tanh(self.embed(idx)))  # (B, T, V)
+            return logits.reshape(-1, 7) if self.flat else logits
+
+    idx = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(1))
+    steps = []
+    for flat, class_dim in ((True, 1), (False, -1)):
+        torch.manual_seed(0)
+        model = LM(flat)
+        opt = gd.create("natural_gradient", model, loss="cross_entropy", class_dim=class_dim)
+        before = [p.detach().clone() for p in model.parameters()]
+        logits = model(idx)
+        F.cross_entropy(logits.reshape(-1, 7), target.reshape(-1)).backward()
+        opt.step()
+        steps.append(torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before)]))
+    # The same float32 products in another memory order: rounding apart, on steps of ~1e-2.
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="class_dim must be an int"):
+        gd.create("natural_gradient", LM(True), loss="cross_entropy", class_dim="last")

@@ -124,12 +124,18 @@ class NaturalGradientSettings:
     cg_iterations: int = 20
     cg_tolerance: float = 1e-6
     adaptation: LevenbergMarquardt | None = LevenbergMarquardt()
+    class_dim: int = 1
 
     def __post_init__(self) -> None:
         validate_hyperparams(
             "natural_gradient",
             {k: getattr(self, k) for k in ("loss", "cg_iterations", "cg_tolerance")},
         )
+        if isinstance(self.class_dim, bool) or not isinstance(self.class_dim, int):
+            raise ValueError(
+                f"natural_gradient: class_dim must be an int (the logits' class dimension), "
+                f"got {self.class_dim!r}"
+            )
 
 
 def _adaptation(adaptive_damping: bool | LevenbergMarquardt) -> LevenbergMarquardt | None:
@@ -308,6 +314,9 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
             ``"half_squared_error"`` (``0.5 * (z - y).square().sum() / N``, ``N`` examples along
             dimension 0) or ``"cross_entropy"`` (``F.cross_entropy`` on logits, class dimension
             1, mean over predictions). ``G`` is its Gauss–Newton matrix only when it matches.
+        class_dim: the class dimension of the logits for ``"cross_entropy"``: 1 (default,
+            ``F.cross_entropy``'s convention) or, for a language model's ``(B, T, V)`` logits
+            flattened to ``(B·T, V)`` in its loss, -1.
         adaptive_damping: ``True`` (default) adapts the damping (Levenberg–Marquardt, and
             steps that raise the batch's loss are not taken); ``False`` keeps it fixed; or a
             :class:`~guided_descent.preconditioners.natural_gradient.LevenbergMarquardt` rule.
@@ -355,6 +364,7 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         weight_decay: float = 0.0,
         *,
         loss: OutputLoss | None = None,
+        class_dim: int = 1,
         adaptive_damping: bool | LevenbergMarquardt = True,
         cg_iterations: int = 20,
         cg_tolerance: float = 1e-6,
@@ -372,7 +382,7 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
             )
         self._init_guard(on_nonfinite)
         self.settings = NaturalGradientSettings(
-            loss, cg_iterations, cg_tolerance, _adaptation(adaptive_damping)
+            loss, cg_iterations, cg_tolerance, _adaptation(adaptive_damping), class_dim
         )
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         validate_hyperparams("natural_gradient", defaults)
@@ -512,7 +522,10 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         self.last_ratio = None
         if lin is not None and self.settings.adaptation is not None:
             with self._replay():
-                accepted = self._adapt(lin, forward, primals, updated, batch.output_grad)
+                grad = batch.output_grad
+                accepted = self._adapt(
+                    lin, forward, primals, updated, None if grad is None else self._canonical(grad)
+                )
             if not accepted:
                 self._rejected_steps += 1
                 for _, p in entries:
@@ -605,6 +618,13 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
             tolerance=self.settings.cg_tolerance,
         )
 
+    def _canonical(self, outputs: Tensor) -> Tensor:
+        """Logits with their class dimension at 1, where the loss functions expect it."""
+        dim = self.settings.class_dim
+        if self.settings.loss != "cross_entropy" or dim == 1 or outputs.dim() < 2:
+            return outputs
+        return outputs.movedim(dim, 1)
+
     def _functional_forward(self, batch: _Batch) -> Callable[[dict[str, Tensor]], Tensor]:
         """The model as a function of (some of) its parameters, on the captured batch."""
         args, kwargs = batch.args, batch.kwargs
@@ -613,7 +633,7 @@ class NaturalGradient(GuardedOptimizer, torch.optim.Optimizer):
         # Eager even when the module was compiled in place (nn.Module.compile()).
         @torch.compiler.disable
         def forward(params: dict[str, Tensor]) -> Tensor:
-            return torch.func.functional_call(model, params, args, kwargs)
+            return self._canonical(torch.func.functional_call(model, params, args, kwargs))
 
         return forward
 
@@ -754,6 +774,7 @@ def natural_gradient(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     loss: OutputLoss | None = None,
+    class_dim: int = 1,
     adaptive_damping: bool | LevenbergMarquardt = True,
     cg_iterations: int = 20,
     cg_tolerance: float = 1e-6,
@@ -767,6 +788,7 @@ def natural_gradient(
         momentum=momentum,
         weight_decay=weight_decay,
         loss=loss,
+        class_dim=class_dim,
         adaptive_damping=adaptive_damping,
         cg_iterations=cg_iterations,
         cg_tolerance=cg_tolerance,
