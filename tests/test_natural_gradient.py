@@ -770,7 +770,8 @@ def test_class_dim_last_equals_flattened_logits():
         logits = model(idx)
         F.cross_entropy(logits.reshape(-1, 7), target.reshape(-1)).backward()
         opt.step()
-        steps.append(torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before)]))
+        moved = zip(model.parameters(), before, strict=True)
+        steps.append(torch.cat([(p - b).flatten() for p, b in moved]))
     # The same float32 products in another memory order: rounding apart, on steps of ~1e-2.
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="class_dim must be an int"):
