@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 
 import pytest
 import torch
@@ -237,3 +238,13 @@ def test_save_checkpoint_checks_its_arguments(tmp_path):
         gd.save_checkpoint(tmp_path / "a.pt", model=make_model().state_dict())
     with pytest.raises(gd.CheckpointError, match="does not exist"):
         gd.save_checkpoint(tmp_path / "missing" / "a.pt", model=make_model())
+
+
+def test_checkpoint_files_get_the_usual_mode(tmp_path):
+    # mkstemp's 0600 used to survive the rename: a checkpoint readable by its owner alone.
+    old = os.umask(0o022)
+    try:
+        path = gd.save_checkpoint(tmp_path / "ckpt.pt", model=nn.Linear(2, 2))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

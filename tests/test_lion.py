@@ -72,7 +72,10 @@ def test_foreach_and_single_tensor_paths_agree_exactly():
     a, _ = run_lion(params, grads, lr=1e-3, weight_decay=0.05, foreach=False)
     b, _ = run_lion(params, grads, lr=1e-3, weight_decay=0.05, foreach=True)
     for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-7)
+        # Elementwise kernels with and without vectorization may fuse a multiply-add or not:
+        # one float32 rounding apart at most (a sign of c flipping would need |c| within one
+        # rounding of 0, which random data does not hit).
+        torch.testing.assert_close(x, y, rtol=2 * torch.finfo(torch.float32).eps, atol=1e-7)
 
 
 def test_every_coordinate_moves_by_exactly_lr_without_weight_decay():

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import secrets
 import shlex
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from guided_descent import files
 
 CONFIG = "config.json"
 ENV = "env.json"
@@ -53,39 +54,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _create_temporary(path: Path) -> tuple[int, Path]:
-    """A new, empty, hidden file next to ``path``, opened for writing: ``(fd, its path)``.
-
-    Not ``tempfile.mkstemp``: that creates files 0600 on purpose (private scratch space), and
-    ``os.replace`` keeps the mode, so every report would end up readable by its owner alone.
-    ``os.open`` with 0o666 lets the kernel apply the umask, as for any file a program writes.
-    """
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:  # a leftover of a killed writer, or a racing one: another name
-            continue
-    raise FileExistsError(f"no free temporary name next to {path}")
-
-
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
-
-    The file gets the usual mode of a new file, ``0o666 & ~umask``.
-    """
-    path = Path(path)
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``
+    (:func:`guided_descent.files.write_atomic`: never half written, mode ``0o666 & ~umask``)."""
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, lambda f: f.write(payload))
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from itertools import chain
@@ -38,6 +37,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from guided_descent.files import write_atomic
 
 STATE_KEY = "guided_descent"  # the tag's key in an optimizer state dict; torch ignores it
 STATE_FORMAT = 1  # bump when a key or the meaning of saved state changes incompatibly
@@ -213,16 +214,8 @@ def save_checkpoint(
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "extra": extra,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Through a temporary file and a rename, the bytes on disk first (guided_descent.files).
+    write_atomic(target, lambda f: torch.save(payload, f))
     return target
 
 
