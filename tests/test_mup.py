@@ -423,3 +423,26 @@ def test_readme_toolkit_example_runs(capsys):
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx(
         [2**-7 * 0.125 * 0.1, 2**-7 * 0.1]
     )  # μP ratio 1/8 kept at the end of the cosine
+
+
+def test_classify_finds_a_head_defined_first_from_a_forward_pass():
+    class HeadFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(32, 10)
+            self.inp = nn.Linear(16, 32)
+            self.hidden = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.hidden(torch.relu(self.inp(x)))))
+
+    model = HeadFirst()
+    kinds = {r.name: r.kind for r in mup.classify(model, example_inputs=torch.randn(2, 16))}
+    assert (kinds["head.weight"], kinds["inp.weight"], kinds["hidden.weight"]) == (
+        "output", "input", "hidden")
+    # The same roles as the optimizers' routing: one answer for both.
+    with torch.device("meta"):
+        base = HeadFirst()
+    plan = mup.parametrize(model, base, "muon", example_inputs=torch.randn(2, 16))
+    rows = {r.name: r for r in plan.rows}
+    assert rows["head.weight"].algorithm == "adamw" and rows["hidden.weight"].algorithm == "muon"

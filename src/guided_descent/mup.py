@@ -86,7 +86,7 @@ from torch import Tensor, nn
 
 from guided_descent.optimizers.muon import DEFAULT_ADAMW_LR as MUON_ADAMW_LR
 from guided_descent.preconditioners.orthogonalize import ADJUST_LR, shape_scale
-from guided_descent.routing import FALLBACK, route
+from guided_descent.routing import FALLBACK, Structure, guess_structure, route, trace
 
 Kind = Literal["input", "hidden", "output", "vector"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -156,28 +156,39 @@ def _fans(shape: tuple[int, ...], kind: Kind, lookup: bool) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def classify(model: nn.Module, overrides: Mapping[str, str] | None = None) -> Classification:
+def classify(
+    model: nn.Module,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    example_inputs: Any = None,
+    structure: Structure | None = None,
+) -> Classification:
     """The μP class of every trainable parameter of ``model`` (rules: the module docstring).
 
-    ``overrides`` maps ``fnmatch`` patterns on parameter names to a kind; first match wins.
+    ``overrides`` maps ``fnmatch`` patterns on parameter names to a kind; first match wins. The
+    output head and the layer that reads the data are those routing finds
+    (:func:`guided_descent.routing.guess_structure`, or :func:`~guided_descent.routing.trace`
+    of one forward pass on ``example_inputs``): one answer for μP and for the optimizers.
     """
     overrides = dict(overrides or {})
     for pattern, kind in overrides.items():
         if kind not in KINDS:
             raise ValueError(f"μP override {pattern!r} -> {kind!r}: kind must be one of {KINDS}")
     embeddings: set[int] = set()
-    matrices: list[int] = []
     linears: list[int] = []
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             embeddings.add(id(module.weight))
-        if isinstance(module, _MATRIX_MODULES) and module.weight.dim() >= 2:
-            matrices.append(id(module.weight))
-            if isinstance(module, nn.Linear):
-                linears.append(id(module.weight))
-    output = linears[-1] if linears else None
+        if isinstance(module, nn.Linear):
+            linears.append(id(module.weight))
+    if structure is None:
+        structure = (
+            guess_structure(model) if example_inputs is None else trace(model, example_inputs)
+        )
+    # A head tied to the embedding is the embedding's weight (warned about below).
+    output = set(structure.heads) | (embeddings & set(linears))
     # The layer that reads the data: the embeddings if there are any, else the first matrix.
-    first = None if embeddings or not matrices else matrices[0]
+    first = set(structure.inputs)
     owners: dict[int, tuple[str, nn.Module]] = {}
     for module in model.modules():
         for attr, p in module.named_parameters(recurse=False):
@@ -195,7 +206,7 @@ def classify(model: nn.Module, overrides: Mapping[str, str] | None = None) -> Cl
             reason = f"override {matched!r}"
         else:
             kind, reason = _rule(p, attr, owner, embeddings, first, output)
-            if id(p) in embeddings and id(p) == output:
+            if id(p) in embeddings and id(p) in output:
                 tied.append(name)
                 reason += "; tied to the output head (the output rule is not applied)"
         if kind != "vector" and p.dim() < 2:
@@ -219,8 +230,8 @@ def _rule(
     attr: str,
     owner: nn.Module,
     embeddings: set[int],
-    first: int | None,
-    output: int | None,
+    first: set[int],
+    output: set[int],
 ) -> tuple[Kind, str]:
     kind = type(owner).__name__
     if id(p) in embeddings:
@@ -230,9 +241,9 @@ def _rule(
     if attr == "bias":
         return "vector", f"bias of {kind}"
     if isinstance(owner, _MATRIX_MODULES) and attr == "weight" and p.dim() >= 2:
-        if id(p) == output:
-            return "output", "output head (last nn.Linear)"
-        if id(p) == first:
+        if id(p) in output:
+            return "output", f"output head ({kind})"
+        if id(p) in first:
             return "input", f"first {kind}: reads the data"
         return "hidden", f"hidden matrix ({kind})"
     return "vector", f"not a Linear/Conv/Embedding weight ({kind}.{attr}, {p.dim()}-D)"
@@ -426,6 +437,7 @@ def parametrize(
     routing: Mapping[str, str] | None = None,
     adjust_lr: str = "original",
     grafting: str = "adam",
+    example_inputs: Any = None,
 ) -> MuP:
     """Put ``model`` in μP relative to ``base`` for ``optimizer``; return the plan.
 
@@ -437,7 +449,9 @@ def parametrize(
     width-independent std). ``optimizer`` is a registry name (see :data:`SUPPORTED`);
     ``routing`` (Muon/Shampoo/SOAP: ``fnmatch`` patterns -> ``"adamw"`` or the method) is passed to
     :func:`guided_descent.routing.route`; ``adjust_lr`` is Muon's and ``grafting`` Shampoo's
-    option of that name, so that the rules match the optimizer you build.
+    option of that name, so that the rules match the optimizer you build. ``example_inputs``
+    (the arguments of one forward pass) let the output head and input layer be read off the
+    model's graph, as :func:`guided_descent.routing.route` does with them.
 
     Then ``gd.create(optimizer, plan.param_groups(lr=...), ...)``.
     """
@@ -447,14 +461,16 @@ def parametrize(
         raise ValueError(f"μP: adjust_lr must be one of {ADJUST_LR}, got {adjust_lr!r}")
     matrix, matrix_rule, other_rule = rules_for(optimizer, adjust_lr=adjust_lr, grafting=grafting)
     base_shapes = _base_shapes(base)
-    table = classify(model, overrides)
+    structure = None if example_inputs is None else trace(model, example_inputs)
+    table = classify(model, overrides, structure=structure)
     names = [r.name for r in table]
     missing = [n for n in names if n not in base_shapes]
     if missing:
         raise ValueError(f"μP: the base has no parameter(s) {', '.join(missing)}")
     algorithms: dict[str, str] = {}
     if matrix is not None:
-        algorithms = {r.name: r.algorithm for r in route(model, matrix, routing).routes}
+        table_ = route(model, matrix, routing, structure=structure)
+        algorithms = {r.name: r.algorithm for r in table_.routes}
     elif routing:
         raise ValueError(f"μP: routing applies to {', '.join(MATRIX)}, not to {optimizer!r}")
 
