@@ -370,7 +370,7 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
             weights are preconditioned (biases folded in), the rest goes to ``fallback``.
         lr: step size of the preconditioned update. Default 0.01.
         momentum: heavy-ball coefficient ``μ`` on the clipped update, in [0, 1). Default 0.5
-            (0.9 diverges on small networks, see below).
+            (with 0.9 the loss of small networks spiked far above its start, see below).
         damping: Tikhonov damping ``λ >= 0``, split between the factors by π. Default 1e-3.
         weight_decay: decoupled weight decay (multiplied by ``lr``); also passed to the fallback
             unless ``fallback_hyperparams`` sets its own. Default 0.
