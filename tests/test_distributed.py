@@ -7,8 +7,8 @@ it (a rank left inside a collective would otherwise wait for the other).
 
 **The single-process reference.** Rank ``r`` trains on rows ``r*B/2 : (r+1)*B/2`` of every global
 batch of ``B`` sequences; the reference trains one model in one process on the same global batch
-as two micro-batches of ``B/2`` (gradient accumulation, then the mean). Its gradients are then
-the same numbers as DDP's averaged ones (a sum of two floats does not depend on the order, and
+as two micro-batches of ``B/2`` (gradient accumulation of the halved losses). Its gradients are
+then the same numbers as DDP's averaged ones (a sum of two floats does not depend on the order, and
 halving is exact), so any difference comes from the optimizers. With a full-batch backward instead,
 reduction-order noise of ~1e-7 in near-zero gradient entries is blown up by every Adam-like rule
 (``|g| / (sqrt(v) + eps)``) to differences of 1e-4 to 1e-1 after 20 steps, for torch's own AdamW
@@ -101,11 +101,10 @@ def train(
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         opt.zero_grad()
         for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
-            F.cross_entropy(model(xm).flatten(0, 1), ym.flatten()).backward()
-        if micro > 1:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(1.0 / micro)
+            # The loss, not the gradient, is divided: K-FAC's output-gradient statistics are
+            # read during backward and assume this usual accumulation (and micro = 1, 2 makes
+            # the division exact, so the gradients are the same numbers either way).
+            (F.cross_entropy(model(xm).flatten(0, 1), ym.flatten()) / micro).backward()
         opt.step()
 
 

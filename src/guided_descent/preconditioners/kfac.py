@@ -15,17 +15,23 @@ and preconditions the gradient matrix ``G = ∂L/∂W`` by the factored Tikhonov
 
 (column-major ``vec``; with row-major flattening the Kronecker order is ``S ⊗ A``).
 
-**Which expectation.** The training loss ``L`` is taken to be a *mean* over examples (torch's
-default ``reduction="mean"``), so the gradient a layer sees at its output is ``δ / N``; the
-functions below multiply by the number of examples to recover per-example ``δ``.
+**Which expectation.** ``A`` and ``S`` are second moments *per row* of the layer: ``ā`` is a row
+of its input, ``δ`` the gradient of that row's own loss at its output. The gradient ``g`` that
+back-propagation delivers at the output is ``δ`` itself when the training loss is a *sum* over the
+rows (``loss_reduction="sum"``) and ``δ / N`` when it is a *mean* over the ``N`` rows behind the
+step (``"mean"``, torch's default reduction): :func:`per_example_outer_sum` turns the raw
+``Σ g gᵀ`` into ``Σ δ δᵀ`` with the count of the whole batch, which is why that sum and the count
+are recorded over every micro-batch of a step and rescaled once (rescaling each micro-batch by its
+own size would make ``S`` ``k²`` too small under ``(loss / k).backward()`` accumulation).
 
-* ``nn.Linear`` on ``(..., d_in)``: every leading index is an example (a token of a sequence
-  counts as one), ``A`` and ``S`` are means over those rows.
+* ``nn.Linear`` on ``(..., d_in)``: every leading index is a row (a token of a sequence counts as
+  one), ``A`` and ``S`` are means over those rows: ``N`` counts rows.
 * ``nn.Conv2d`` (Grosse & Martens 2016, arXiv 1602.01407, "KFC"): ``ā`` ranges over the unfolded
   input patches at every output position. ``A`` averages ``ā āᵀ`` over examples *and* spatial
-  positions; ``S`` sums ``δ δᵀ`` over positions and averages over examples. Their product equals
-  KFC's ``Ω ⊗ Γ`` (sum over positions in ``Ω``, mean in ``Γ``), i.e. the Fisher under the
-  spatial-homogeneity and spatially-uncorrelated-derivatives approximations.
+  positions; ``S`` sums ``δ δᵀ`` over positions and averages over examples: ``N`` counts
+  examples (a mean loss is a mean over examples). Their product equals KFC's ``Ω ⊗ Γ`` (sum over
+  positions in ``Ω``, mean in ``Γ``), i.e. the Fisher under the spatial-homogeneity and
+  spatially-uncorrelated-derivatives approximations.
 
 Statistics are kept in float32 (float64 for float64 layers) whatever the layer's dtype: a bf16
 outer product of 8-bit mantissas would round the small eigenvalues that the inverse amplifies.
@@ -45,6 +51,8 @@ from guided_descent.linalg.matrix_functions import condition_number, eigh, matri
 
 Likelihood = Literal["categorical", "gaussian"]
 LIKELIHOODS: tuple[str, ...] = get_args(Likelihood)
+LossReduction = Literal["mean", "sum"]
+LOSS_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -122,27 +130,50 @@ def conv2d_input_rows(x: Tensor, geometry: ConvGeometry, fold_bias: bool) -> Ten
 
 
 def linear_output_grad_rows(grad: Tensor) -> tuple[Tensor, int]:
-    """Per-example ``δ`` rows from the gradient of a mean loss at a Linear output ``(..., d_out)``.
+    """Rows ``g`` of the gradient at a Linear output ``(..., d_out)``, as back-propagated.
 
-    Returns ``(rows (M, d_out), M)``: ``S = rowsᵀ rows / M``.
+    Returns ``(rows (M, d_out) float32/64, M)``; :func:`per_example_outer_sum` turns the
+    ``Σ g gᵀ`` of a whole step into the per-row ``Σ δ δᵀ``.
     """
     rows = grad.detach().reshape(-1, grad.shape[-1]).to(statistics_dtype(grad.dtype))
-    m = rows.shape[0]
-    return rows * m, m
+    return rows, rows.shape[0]
 
 
 def conv2d_output_grad_rows(grad: Tensor) -> tuple[Tensor, int]:
-    """Per-example ``δ`` rows at every position of a Conv2d output ``(N, d_out, H', W')``.
+    """Rows ``g`` at every position of a Conv2d output gradient ``(N, d_out, H', W')``.
 
-    Returns ``(rows (N·H'·W', d_out), N)``: ``S = rowsᵀ rows / N`` sums over positions and
-    averages over the ``N`` examples (KFC's convention, see the module docstring).
+    Returns ``(rows (N·H'·W', d_out) float32/64, N)``: the count is of *examples*, so that
+    ``S = Σ δ δᵀ / N`` sums over positions and averages over examples (KFC's convention, see the
+    module docstring).
     """
     grad = grad.detach().to(statistics_dtype(grad.dtype))
     if grad.dim() == 3:
         grad = grad.unsqueeze(0)
-    n = grad.shape[0]
     rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
-    return rows * n, n
+    return rows, grad.shape[0]
+
+
+def check_loss_reduction(owner: str, reduction: object) -> None:
+    """Raise ``ValueError`` naming ``reduction`` unless it is one of :data:`LOSS_REDUCTIONS`."""
+    if not isinstance(reduction, str) or reduction not in LOSS_REDUCTIONS:
+        raise ValueError(
+            f"{owner}: loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}"
+        )
+
+
+def per_example_outer_sum(grad_outer_sum: Tensor, count: int, reduction: LossReduction) -> Tensor:
+    """``Σ δ δᵀ`` of per-example output gradients from ``Σ g gᵀ`` of back-propagated ones.
+
+    ``grad_outer_sum`` is ``Σ g gᵀ`` over every row of the backward passes of *one* loss (all
+    micro-batches of a step, for a loss divided by their number), ``count`` the number ``N`` of
+    rows (Linear) or examples (Conv2d) that loss is reduced over. A mean loss delivers
+    ``g = δ / N``, so the sum is scaled by ``N²``; a summed loss delivers ``δ`` itself. The result
+    divided by ``count`` is ``S``.
+    """
+    check_loss_reduction("per_example_outer_sum", reduction)
+    if reduction == "sum":
+        return grad_outer_sum
+    return grad_outer_sum * float(count) ** 2
 
 
 # ------------------------------------------------------------------------------ factor algebra
