@@ -481,8 +481,9 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
             for key, value in state_dict["state"][saved_id].items():
                 # The step too: a sync-free step updates it on the parameter's device.
                 state[key] = _saved_copy(value, p.device)
-            if "calls" not in state:
-                # Saved before the host kept its own count of steps: derive it from the state.
+            if "step" in state and "calls" not in state:
+                # Saved before the host kept its own count of steps, or through a path that keeps
+                # tensors only (DCP): derive it from the state.
                 self.restore_counts(p, group, state)
 
     def _follow_saved_routing(self, state_dict: Mapping[str, Any]) -> None:
