@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install guided-descent with everything the CLI and the tests need.
+# Create .venv and install guided-descent with everything the CLI and the tests need (including
+# the other libraries' optimizers that the benchmark compares with and the peer tests exercise).
 #
 # torch comes first, on its own: on a machine without an NVIDIA GPU we ask for the CPU build
 # (torch==2.13.0, which pip takes from a local wheel cache where one exists; set TORCH_SPEC and
@@ -31,5 +32,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     # shellcheck disable=SC2086  # TORCH_PIP_ARGS is a list of pip options
     "${pip[@]}" install -q "${TORCH_SPEC:-$default_spec}" ${TORCH_PIP_ARGS:-}
 fi
-"${pip[@]}" install -q -e ".[cli,test]"
+"${pip[@]}" install -q -e ".[cli,test,peers]"
 "$VENV/bin/python" -c "import torch, guided_descent; print('guided-descent', guided_descent.__version__, 'with torch', torch.__version__)"
