@@ -255,3 +255,16 @@ def test_resuming_restores_the_routing_the_state_was_saved_with(name):
     for (n, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
     del copy
+
+
+@pytest.mark.parametrize("name", ("shampoo", "soap"))
+def test_a_routing_policy_decides_what_the_method_takes(name):
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    policy = gd.routing.RoutingPolicy(head=True, vectors=True, input_layer=False)
+    opt = gd.create(name, model, routing_policy=policy)
+    assert groups_by_name(opt, model) == {
+        "0.weight": "adamw", "0.bias": name, "1.weight": name, "1.bias": name,
+        "2.weight": name, "2.bias": name,
+    }
+    with pytest.raises(ValueError, match="needs parameters with >= 2 dimensions"):
+        gd.create("muon", model, routing_policy=gd.routing.RoutingPolicy(vectors=True))

@@ -426,7 +426,11 @@ class RoutingTable:
         return [*matrix, (FALLBACK, None)]
 
     def key(self, route: Route) -> tuple[str, str | None]:
-        return (route.algorithm, route.view if route.algorithm == self.algorithm else None)
+        """The ``(algorithm, view)`` of the group ``route``'s parameter belongs to (vectors a
+        method takes go with its plain matrices: a view does not apply to them)."""
+        if route.algorithm != self.algorithm:
+            return route.algorithm, None
+        return route.algorithm, route.view or FLATTEN
 
     def param_groups(self) -> list[dict]:
         """One param group per ``(algorithm, view)``, tagged ``algorithm`` (and the matrix

@@ -342,6 +342,7 @@ def muon(
     adamw_eps: float = 1e-8,
     adamw_weight_decay: float = 0.0,
     routing: Mapping[str, str] | None = None,
+    routing_policy: RoutingPolicy | None = None,
     example_inputs: Any = None,
     on_nonfinite: str = "skip",
     distributed: Distributed = None,
@@ -353,9 +354,13 @@ def muon(
     to override that. Given a list of parameters, >= 2-D ones go to Muon; param-group dicts are
     passed through. The other arguments are :class:`Muon`'s (``distributed=None`` splits the
     work when ``target`` is a ``DistributedDataParallel`` module).
+    ``routing_policy`` replaces the method's :class:`~guided_descent.routing.RoutingPolicy`
+    (what it takes from a model: head, input layer, embeddings, vectors, attention views);
+    ``example_inputs`` (the arguments of one forward pass) settle the routing at once instead of
+    at the model's first forward pass.
     """
     groups, router = plan_groups(
-        target, Muon.ALGORITHM, routing, example_inputs=example_inputs
+        target, Muon.ALGORITHM, routing, policy=routing_policy, example_inputs=example_inputs
     )
     return Muon(
         groups,

@@ -56,6 +56,7 @@ from guided_descent.transforms.grafting import (
 from guided_descent.transforms.masking import bias_correction, commit_, count_
 
 PREFIX = "shampoo"
+RELATIVE_EPSILON = 0.0  # set by measurement: see the class docstring
 FAILURES = f"{PREFIX}.failures"
 REFRESHED_AT = f"{PREFIX}.refreshed_at"
 
@@ -64,6 +65,11 @@ _RootJob = tuple[Tensor, dict[str, Any], str, int, Tensor, int]
 
 
 # --- Shampoo ------------------------------------------------------------------------------------
+
+
+def _damping(group: Mapping[str, Any]) -> tuple[float, float]:
+    """``(epsilon, relative_epsilon)`` of a group: the factors' damping."""
+    return group["epsilon"], group.get("relative_epsilon", 0.0)
 
 
 def _check_shampoo_options(owner: str, group: Mapping[str, Any]) -> None:
@@ -157,6 +163,7 @@ class Shampoo(HybridOptimizer):
         weight_decay: float = 0.0,
         *,
         epsilon: float = 1e-12,
+        relative_epsilon: float = RELATIVE_EPSILON,
         momentum: float = 0.0,
         nesterov: bool = False,
         precondition_frequency: int = 10,
@@ -179,6 +186,7 @@ class Shampoo(HybridOptimizer):
             eps=eps,
             weight_decay=weight_decay,
             epsilon=epsilon,
+            relative_epsilon=relative_epsilon,
             momentum=momentum,
             nesterov=nesterov,
             precondition_frequency=precondition_frequency,
@@ -338,9 +346,9 @@ class Shampoo(HybridOptimizer):
             work.append((p, state, layout, t))
 
         if sync_free:
-            self._refresh_roots_flagged(due, beta2, group["epsilon"], ok)
+            self._refresh_roots_flagged(due, beta2, _damping(group), ok)
         else:
-            self._refresh_roots(due, beta2, group["epsilon"], split)
+            self._refresh_roots(due, beta2, _damping(group), split)
 
         lr = float(group["lr"])
         for i, (p, state, layout, t) in enumerate(work):
@@ -431,7 +439,11 @@ class Shampoo(HybridOptimizer):
             descend_(local(p), update, lr, group["weight_decay"])
 
     def _refresh_roots(
-        self, due: list[_RootJob], beta2: float, epsilon: float, split: WorkSplit | None
+        self,
+        due: list[_RootJob],
+        beta2: float,
+        damping: tuple[float, float],
+        split: WorkSplit | None,
     ) -> None:
         if not due:
             return
@@ -444,7 +456,9 @@ class Shampoo(HybridOptimizer):
 
         def compute(indices: list[int]) -> list[InverseRoot | None]:
             jobs = [due[i] for i in indices]
-            return inverse_roots([scaled(job) for job in jobs], [job[-1] for job in jobs], epsilon)
+            return inverse_roots(
+                [scaled(job) for job in jobs], [job[-1] for job in jobs], *damping
+            )
 
         if split is None:
             results = compute(list(range(len(due))))
@@ -462,7 +476,7 @@ class Shampoo(HybridOptimizer):
         mark_refreshed(((p, state) for p, state, *_ in due), failed, REFRESHED_AT)
 
     def _refresh_roots_flagged(
-        self, due: list[_RootJob], beta2: float, epsilon: float, ok: Tensor | None
+        self, due: list[_RootJob], beta2: float, damping: tuple[float, float], ok: Tensor | None
     ) -> None:
         """:meth:`_refresh_roots` without host decisions: every root is committed by its own
         success flag (and ``ok``); failures and the last complete refresh are counted on the
@@ -470,7 +484,7 @@ class Shampoo(HybridOptimizer):
         if not due:
             return
         scaled = [F / bias_correction(beta2, state["step"]) for _p, state, _k, _b, F, _r in due]
-        roots, conditions, good = flagged_inverse_roots(scaled, [job[-1] for job in due], epsilon)
+        roots, conditions, good = flagged_inverse_roots(scaled, [job[-1] for job in due], *damping)
         done = []
         for (p, state, key, b, _F, _r), root, condition, fine in zip(
             due, roots, conditions, good, strict=True
@@ -573,6 +587,7 @@ def shampoo(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     epsilon: float = 1e-12,
+    relative_epsilon: float = RELATIVE_EPSILON,
     momentum: float = 0.0,
     nesterov: bool = False,
     precondition_frequency: int = 10,
@@ -586,6 +601,7 @@ def shampoo(
     adamw_eps: float | None = None,
     adamw_weight_decay: float | None = None,
     routing: Mapping[str, str] | None = None,
+    routing_policy: RoutingPolicy | None = None,
     example_inputs: Any = None,
     on_nonfinite: str = "skip",
     distributed: Distributed = None,
@@ -597,9 +613,13 @@ def shampoo(
     names to ``"shampoo"`` or ``"adamw"`` to override that. Given a list of parameters, all of them
     go to Shampoo (vectors and scalars take its diagonal fallback); param-group dicts are passed
     through. The other arguments are :class:`Shampoo`'s.
+    ``routing_policy`` replaces the method's :class:`~guided_descent.routing.RoutingPolicy`
+    (what it takes from a model: head, input layer, embeddings, vectors, attention views);
+    ``example_inputs`` (the arguments of one forward pass) settle the routing at once instead of
+    at the model's first forward pass.
     """
     groups, router = plan_groups(
-        target, Shampoo.ALGORITHM, routing, example_inputs=example_inputs
+        target, Shampoo.ALGORITHM, routing, policy=routing_policy, example_inputs=example_inputs
     )
     return Shampoo(
         groups,
@@ -608,6 +628,7 @@ def shampoo(
         eps=eps,
         weight_decay=weight_decay,
         epsilon=epsilon,
+        relative_epsilon=relative_epsilon,
         momentum=momentum,
         nesterov=nesterov,
         precondition_frequency=precondition_frequency,

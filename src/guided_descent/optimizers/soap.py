@@ -48,6 +48,8 @@ from guided_descent.transforms.descend import descend_
 from guided_descent.transforms.masking import commit_, count_
 
 PREFIX = "soap"
+TIEBREAK = 0.0  # set by measurement: see the class docstring
+REFRESH_SHIFT = 0.0
 FAILURES = f"{PREFIX}.failures"
 REFRESHED_AT = f"{PREFIX}.refreshed_at"
 
@@ -135,6 +137,8 @@ class SOAP(HybridOptimizer):
         precondition_frequency: int = 10,
         max_precond_dim: int = 10000,
         matrix_view: str = "flatten",
+        tiebreak: float = TIEBREAK,
+        refresh_shift: float = REFRESH_SHIFT,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] | None = None,
         adamw_eps: float | None = None,
@@ -152,6 +156,8 @@ class SOAP(HybridOptimizer):
             precondition_frequency=precondition_frequency,
             max_precond_dim=max_precond_dim,
             matrix_view=matrix_view,
+            tiebreak=tiebreak,
+            refresh_shift=refresh_shift,
         )
         validate_hyperparams(PREFIX, defaults)
         adamw = adamw_defaults(
@@ -330,11 +336,11 @@ class SOAP(HybridOptimizer):
                     due.append((p, state, d, key))
 
         if sync_free:
-            self._initial_bases_flagged(fresh, ok)
-            self._refresh_bases_flagged(due, ok)
+            self._initial_bases_flagged(fresh, ok, group)
+            self._refresh_bases_flagged(due, ok, group)
         else:
-            self._initial_bases(fresh, split)
-            self._refresh_bases(due, split)
+            self._initial_bases(fresh, split, group)
+            self._refresh_bases(due, split, group)
 
     def restore_counts(self, p: Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
         # Gradients processed: the Adam steps, plus the first gradient that built the bases.
@@ -431,15 +437,17 @@ class SOAP(HybridOptimizer):
                 out.append((j, None, value))
         return out
 
-    def _initial_bases(self, jobs: list[_BasisJob], split: WorkSplit | None) -> None:
+    def _initial_bases(
+        self, jobs: list[_BasisJob], split: WorkSplit | None, group: Mapping[str, Any]
+    ) -> None:
         if not jobs:
             return
         slices = self._slices(jobs)
         factors = [F for _j, _b, F in slices]
         if split is None:
-            bases = initial_bases(factors)
+            bases = initial_bases(factors, group["tiebreak"])
         else:
-            bases = self._split_initial_bases(factors, split)
+            bases = self._split_initial_bases(factors, split, group["tiebreak"])
         failed: set[int] = set()
         for (j, b, _F), basis in zip(slices, bases, strict=True):
             p, state, _d, key = jobs[j]
@@ -454,12 +462,14 @@ class SOAP(HybridOptimizer):
                 state[f"{key}.basis"][b] = basis
         mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
 
-    def _initial_bases_flagged(self, jobs: list[_BasisJob], ok: Tensor | None) -> None:
+    def _initial_bases_flagged(
+        self, jobs: list[_BasisJob], ok: Tensor | None, group: Mapping[str, Any]
+    ) -> None:
         """:meth:`_initial_bases` without host decisions (see Shampoo's flagged refresh)."""
         if not jobs:
             return
         slices = self._slices(jobs)
-        bases, good = flagged_initial_bases([F for _j, _b, F in slices])
+        bases, good = flagged_initial_bases([F for _j, _b, F in slices], group["tiebreak"])
         done = []
         for (j, b, _F), basis, fine in zip(slices, bases, good, strict=True):
             p, state, _d, key = jobs[j]
@@ -471,14 +481,16 @@ class SOAP(HybridOptimizer):
             done.append((p, state, take))
         mark_refreshed_on_device(done, REFRESHED_AT)
 
-    def _refresh_bases_flagged(self, jobs: list[_BasisJob], ok: Tensor | None) -> None:
+    def _refresh_bases_flagged(
+        self, jobs: list[_BasisJob], ok: Tensor | None, group: Mapping[str, Any]
+    ) -> None:
         """:meth:`_refresh_bases` without host decisions (see Shampoo's flagged refresh)."""
         if not jobs:
             return
         slices = self._slices(jobs)
         bases = [Q for _j, _b, Q in self._slices(jobs, ".basis")]
         new_bases, orders, good, conditions = flagged_refresh_bases(
-            [F for _j, _b, F in slices], bases
+            [F for _j, _b, F in slices], bases, group["refresh_shift"]
         )
         done = []
         for (j, b, _F), basis, order, fine, condition in zip(
@@ -502,13 +514,16 @@ class SOAP(HybridOptimizer):
         mark_refreshed_on_device(done, REFRESHED_AT)
 
     @staticmethod
-    def _split_initial_bases(factors: list[Tensor], split: WorkSplit) -> list[Tensor | None]:
+    def _split_initial_bases(
+        factors: list[Tensor], split: WorkSplit, tiebreak: float
+    ) -> list[Tensor | None]:
         """Each rank decomposes its share; bases and success flags reach every rank."""
         specs = [[TensorSpec.of(F), TensorSpec((), torch.bool, F.device)] for F in factors]
 
         def compute(indices: list[int]) -> list[list[Tensor]]:
             out = []
-            for i, basis in zip(indices, initial_bases([factors[i] for i in indices]), strict=True):
+            own = initial_bases([factors[i] for i in indices], tiebreak)
+            for i, basis in zip(indices, own, strict=True):
                 F = factors[i]
                 if basis is None:
                     out.append([torch.zeros_like(F), F.new_zeros((), dtype=torch.bool)])
@@ -520,16 +535,18 @@ class SOAP(HybridOptimizer):
         shared = split.map("eigh", costs, specs, compute)
         return [basis if bool(ok) else None for basis, ok in shared]
 
-    def _refresh_bases(self, jobs: list[_BasisJob], split: WorkSplit | None) -> None:
+    def _refresh_bases(
+        self, jobs: list[_BasisJob], split: WorkSplit | None, group: Mapping[str, Any]
+    ) -> None:
         if not jobs:
             return
         slices = self._slices(jobs)
         factors = [F for _j, _b, F in slices]
         bases = [Q for _j, _b, Q in self._slices(jobs, ".basis")]
         if split is None:
-            results = refresh_bases(factors, bases)
+            results = refresh_bases(factors, bases, group["refresh_shift"])
         else:
-            results = self._split_refresh_bases(factors, bases, split)
+            results = self._split_refresh_bases(factors, bases, split, group["refresh_shift"])
         failed: set[int] = set()
         for (j, b, _F), result in zip(slices, results, strict=True):
             p, state, d, key = jobs[j]
@@ -554,7 +571,7 @@ class SOAP(HybridOptimizer):
 
     @staticmethod
     def _split_refresh_bases(
-        factors: list[Tensor], bases: list[Tensor], split: WorkSplit
+        factors: list[Tensor], bases: list[Tensor], split: WorkSplit, shift: float
     ) -> list[BasisRefresh]:
         """Each rank refreshes its share; every field of every refresh reaches every rank."""
         specs = []
@@ -570,7 +587,9 @@ class SOAP(HybridOptimizer):
             )
 
         def compute(indices: list[int]) -> list[list[Tensor]]:
-            results = refresh_bases([factors[i] for i in indices], [bases[i] for i in indices])
+            results = refresh_bases(
+                [factors[i] for i in indices], [bases[i] for i in indices], shift
+            )
             return [
                 [r.basis, r.order, r.ok, r.condition.to(factors[i].dtype)]
                 for i, r in zip(indices, results, strict=True)
@@ -592,11 +611,14 @@ def soap(
     precondition_frequency: int = 10,
     max_precond_dim: int = 10000,
     matrix_view: str = "flatten",
+    tiebreak: float = TIEBREAK,
+    refresh_shift: float = REFRESH_SHIFT,
     adamw_lr: float | None = None,
     adamw_betas: tuple[float, float] | None = None,
     adamw_eps: float | None = None,
     adamw_weight_decay: float | None = None,
     routing: Mapping[str, str] | None = None,
+    routing_policy: RoutingPolicy | None = None,
     example_inputs: Any = None,
     on_nonfinite: str = "skip",
     distributed: Distributed = None,
@@ -608,9 +630,13 @@ def soap(
     names to ``"soap"`` or ``"adamw"`` to override that. Given a list of parameters, all go to
     SOAP (vectors and scalars are plain AdamW inside it); param-group dicts are passed through.
     The other arguments are :class:`SOAP`'s.
+    ``routing_policy`` replaces the method's :class:`~guided_descent.routing.RoutingPolicy`
+    (what it takes from a model: head, input layer, embeddings, vectors, attention views);
+    ``example_inputs`` (the arguments of one forward pass) settle the routing at once instead of
+    at the model's first forward pass.
     """
     groups, router = plan_groups(
-        target, SOAP.ALGORITHM, routing, example_inputs=example_inputs
+        target, SOAP.ALGORITHM, routing, policy=routing_policy, example_inputs=example_inputs
     )
     return SOAP(
         groups,
@@ -622,6 +648,8 @@ def soap(
         precondition_frequency=precondition_frequency,
         max_precond_dim=max_precond_dim,
         matrix_view=matrix_view,
+        tiebreak=tiebreak,
+        refresh_shift=refresh_shift,
         adamw_lr=adamw_lr,
         adamw_betas=adamw_betas,
         adamw_eps=adamw_eps,
