@@ -72,17 +72,33 @@ def eigh(A: Tensor, *, jitter: float = 1e-10, attempts: int = 4) -> tuple[Tensor
     return vals.to(dtype), vecs.to(dtype)
 
 
+def damping(
+    vals: Tensor, eps: float = 0.0, relative: bool = False, relative_eps: float = 0.0
+) -> Tensor | float:
+    """The damping added to clamped eigenvalues ``vals`` ``(..., n)``: ``eps`` (times λ_max with
+    ``relative=True``) plus ``relative_eps · λ_max``; a float when no part is relative."""
+    if not relative and not relative_eps:
+        return eps
+    top = vals.clamp_min(0.0).amax(-1, keepdim=True).clamp_min(torch.finfo(vals.dtype).tiny)
+    return (eps if relative else 0.0) * top + relative_eps * top + (0.0 if relative else eps)
+
+
 def matrix_power_from_eigh(
-    vals: Tensor, vecs: Tensor, power: float, eps: float = 0.0, relative: bool = False
+    vals: Tensor,
+    vecs: Tensor,
+    power: float,
+    eps: float = 0.0,
+    relative: bool = False,
+    relative_eps: float = 0.0,
 ) -> Tensor:
-    """``V diag((max(λ, 0) + ε)^power) Vᵀ``; with ``relative=True``, ε is scaled by λ_max.
+    """``V diag((max(λ, 0) + ε)^power) Vᵀ``; ε is :func:`damping` (``eps``, scaled by λ_max with
+    ``relative=True``, plus ``relative_eps · λ_max``).
 
     Negative eigenvalues are rounding noise for a PSD factor and are clamped to 0 before the
     damping ``ε`` is added, so a negative power stays finite whenever ``ε > 0``.
     """
+    eps = damping(vals, eps, relative, relative_eps)
     vals = vals.clamp_min(0.0)
-    if relative:
-        eps = eps * vals.amax(-1, keepdim=True).clamp_min(torch.finfo(vals.dtype).tiny)
     d = (vals + eps).pow(power)
     if not torch.isfinite(d).all():
         raise MatrixFunctionError(
@@ -114,6 +130,7 @@ def inverse_root(
     eps: float = ...,
     *,
     relative: bool = ...,
+    relative_eps: float = ...,
     return_eigenvalues: Literal[False] = ...,
 ) -> Tensor: ...
 
@@ -125,6 +142,7 @@ def inverse_root(
     eps: float = ...,
     *,
     relative: bool = ...,
+    relative_eps: float = ...,
     return_eigenvalues: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 
@@ -135,12 +153,14 @@ def inverse_root(
     eps: float = 1e-12,
     *,
     relative: bool = False,
+    relative_eps: float = 0.0,
     return_eigenvalues: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``(A + εI)^(-1/p)`` for a symmetric PSD matrix (or batch) ``A``, via :func:`eigh`.
 
     ``eps`` is added to the (non-negatively clamped) eigenvalues; ``relative=True`` scales it by
-    the largest eigenvalue, which makes the damping invariant to the scale of ``A``. The result is
+    the largest eigenvalue, which makes the damping invariant to the scale of ``A``;
+    ``relative_eps`` adds ``relative_eps · λ_max`` on top of an absolute ``eps``. The result is
     in float32 (float64 for float64 input). Raises :class:`MatrixFunctionError` instead of ever
     returning NaN. With ``return_eigenvalues=True`` returns ``(root, eigenvalues)``, the latter
     ``(..., n)`` ascending: the spectrum of the damped matrix the root was taken of (clamped
@@ -152,10 +172,7 @@ def inverse_root(
     if eps < 0:
         raise ValueError(f"inverse_root needs eps >= 0, got {eps!r}")
     vals, vecs = eigh(A)
-    root = matrix_power_from_eigh(vals, vecs, -1.0 / p, eps, relative)
+    root = matrix_power_from_eigh(vals, vecs, -1.0 / p, eps, relative, relative_eps)
     if not return_eigenvalues:
         return root
-    damped = vals.clamp_min(0.0)
-    if relative:
-        eps = eps * damped.amax(-1, keepdim=True).clamp_min(torch.finfo(damped.dtype).tiny)
-    return root, damped + eps
+    return root, vals.clamp_min(0.0) + damping(vals, eps, relative, relative_eps)

@@ -172,8 +172,11 @@ CHECKS: dict[str, Check] = {
     "max_factor_dim": positive_int("max_factor_dim"),
     "max_precond_dim": nonneg_int("max_precond_dim"),
     "epsilon": positive("epsilon (inverse-root damping)"),
+    "relative_epsilon": nonneg("relative_epsilon (inverse-root damping relative to λ_max)"),
     "grafting": one_of("grafting", GRAFTINGS),
     "shampoo_beta": optional(unit_interval("shampoo_beta")),
+    "tiebreak": nonneg("tiebreak (SOAP's first-basis tie-breaking, relative to ‖F‖)"),
+    "refresh_shift": nonneg("refresh_shift (SOAP's power-step shift, relative to tr F / n)"),
     # K-FAC and natural gradient
     "damping": nonneg("damping"),
     "stat_decay": unit_interval("stat_decay"),

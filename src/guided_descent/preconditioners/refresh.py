@@ -39,10 +39,11 @@ def _true(like: Tensor) -> Tensor:
 
 
 def _roots(
-    factors: list[Tensor], roots: list[int], epsilon: float
+    factors: list[Tensor], roots: list[int], epsilon: float, relative_epsilon: float = 0.0
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     out, conditions, oks = [], [], []
-    for F, result in zip(factors, inverse_roots(factors, roots, epsilon), strict=True):
+    results = inverse_roots(factors, roots, epsilon, relative_epsilon)
+    for F, result in zip(factors, results, strict=True):
         if result is None:
             out.append(torch.zeros_like(F))
             conditions.append(F.new_zeros(()))
@@ -56,13 +57,13 @@ def _roots(
 
 @torch.library.custom_op("guided_descent::inverse_roots", mutates_args=())
 def _roots_op(
-    factors: list[Tensor], roots: list[int], epsilon: float
+    factors: list[Tensor], roots: list[int], epsilon: float, relative_epsilon: float
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    return _roots(factors, roots, epsilon)
+    return _roots(factors, roots, epsilon, relative_epsilon)
 
 
 @_roots_op.register_fake
-def _(factors, roots, epsilon):
+def _(factors, roots, epsilon, relative_epsilon):
     return (
         [torch.empty_like(F) for F in factors],
         [F.new_empty(()) for F in factors],
@@ -71,44 +72,49 @@ def _(factors, roots, epsilon):
 
 
 def flagged_inverse_roots(
-    factors: Sequence[Tensor], roots: Sequence[int], epsilon: float
+    factors: Sequence[Tensor],
+    roots: Sequence[int],
+    epsilon: float,
+    relative_epsilon: float = 0.0,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """``(roots, condition numbers, ok)`` of :func:`~..shampoo.inverse_roots`, one per factor."""
     op = _roots_op if torch.compiler.is_compiling() else _roots
-    return op(list(factors), list(roots), float(epsilon))
+    return op(list(factors), list(roots), float(epsilon), float(relative_epsilon))
 
 
-def _bases(factors: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def _bases(factors: list[Tensor], tiebreak: float = 0.0) -> tuple[list[Tensor], list[Tensor]]:
     out, oks = [], []
-    for F, basis in zip(factors, initial_bases(factors), strict=True):
+    for F, basis in zip(factors, initial_bases(factors, tiebreak), strict=True):
         out.append(torch.zeros_like(F) if basis is None else _fresh(basis))
         oks.append(_false(F) if basis is None else _true(F))
     return out, oks
 
 
 @torch.library.custom_op("guided_descent::initial_bases", mutates_args=())
-def _bases_op(factors: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    return _bases(factors)
+def _bases_op(factors: list[Tensor], tiebreak: float) -> tuple[list[Tensor], list[Tensor]]:
+    return _bases(factors, tiebreak)
 
 
 @_bases_op.register_fake
-def _(factors):
+def _(factors, tiebreak):
     return (
         [torch.empty_like(F) for F in factors],
         [torch.empty((), dtype=torch.bool, device=F.device) for F in factors],
     )
 
 
-def flagged_initial_bases(factors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def flagged_initial_bases(
+    factors: Sequence[Tensor], tiebreak: float = 0.0
+) -> tuple[list[Tensor], list[Tensor]]:
     """``(bases, ok)`` of :func:`~..soap.initial_bases`, one per factor."""
     op = _bases_op if torch.compiler.is_compiling() else _bases
-    return op(list(factors))
+    return op(list(factors), float(tiebreak))
 
 
 def _refresh(
-    factors: list[Tensor], bases: list[Tensor]
+    factors: list[Tensor], bases: list[Tensor], shift: float = 0.0
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    results = refresh_bases(factors, bases)
+    results = refresh_bases(factors, bases, shift)
     return (
         [_fresh(r.basis) for r in results],
         [_fresh(r.order) for r in results],
@@ -119,13 +125,13 @@ def _refresh(
 
 @torch.library.custom_op("guided_descent::refresh_bases", mutates_args=())
 def _refresh_op(
-    factors: list[Tensor], bases: list[Tensor]
+    factors: list[Tensor], bases: list[Tensor], shift: float
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    return _refresh(factors, bases)
+    return _refresh(factors, bases, shift)
 
 
 @_refresh_op.register_fake
-def _(factors, bases):
+def _(factors, bases, shift):
     return (
         [torch.empty_like(F) for F in factors],
         [torch.empty(F.shape[0], dtype=torch.int64, device=F.device) for F in factors],
@@ -135,8 +141,8 @@ def _(factors, bases):
 
 
 def flagged_refresh_bases(
-    factors: Sequence[Tensor], bases: Sequence[Tensor]
+    factors: Sequence[Tensor], bases: Sequence[Tensor], shift: float = 0.0
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """``(bases, column orders, ok, condition estimates)`` of :func:`~..soap.refresh_bases`."""
     op = _refresh_op if torch.compiler.is_compiling() else _refresh
-    return op(list(factors), list(bases))
+    return op(list(factors), list(bases), float(shift))

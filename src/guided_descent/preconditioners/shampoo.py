@@ -42,6 +42,7 @@ from torch import Tensor
 from guided_descent.linalg.matrix_functions import (
     MatrixFunctionError,
     condition_number,
+    damping,
     inverse_root,
 )
 from guided_descent.preconditioners.kronecker import (
@@ -223,29 +224,41 @@ class InverseRoot(NamedTuple):
     condition: Tensor
 
 
-def diagonal_inverse_root(d: Tensor, root: int, epsilon: float) -> Tensor:
-    """``(max(d, 0) + epsilon)^(-1/root)`` for a diagonal factor; raises on a non-finite result."""
-    out = (d.clamp_min(0.0) + epsilon).pow(-1.0 / root)
+def diagonal_inverse_root(
+    d: Tensor, root: int, epsilon: float, relative_epsilon: float = 0.0
+) -> Tensor:
+    """``(max(d, 0) + ε)^(-1/root)`` for a diagonal factor, ``ε = epsilon + relative_epsilon ·
+    max(d)``; raises on a non-finite result."""
+    out = (d.clamp_min(0.0) + damping(d, epsilon, relative_eps=relative_epsilon)).pow(-1.0 / root)
     if not torch.isfinite(out).all():
         raise MatrixFunctionError("diagonal factor holds NaN/Inf or epsilon is 0")
     return out
 
 
-def _one_root(F: Tensor, root: int, epsilon: float) -> InverseRoot | None:
+def _one_root(
+    F: Tensor, root: int, epsilon: float, relative_epsilon: float = 0.0
+) -> InverseRoot | None:
     try:
         if F.dim() == 1:
-            damped = F.clamp_min(0.0) + epsilon
-            return InverseRoot(diagonal_inverse_root(F, root, epsilon), condition_number(damped))
-        P, spectrum = inverse_root(F, root, epsilon, return_eigenvalues=True)
+            damped = F.clamp_min(0.0) + damping(F, epsilon, relative_eps=relative_epsilon)
+            P = diagonal_inverse_root(F, root, epsilon, relative_epsilon)
+            return InverseRoot(P, condition_number(damped))
+        P, spectrum = inverse_root(
+            F, root, epsilon, relative_eps=relative_epsilon, return_eigenvalues=True
+        )
         return InverseRoot(P, condition_number(spectrum))
     except MatrixFunctionError:
         return None
 
 
 def inverse_roots(
-    factors: Sequence[Tensor], roots: Sequence[int], epsilon: float
+    factors: Sequence[Tensor],
+    roots: Sequence[int],
+    epsilon: float,
+    relative_epsilon: float = 0.0,
 ) -> list[InverseRoot | None]:
-    """``(F + epsilon I)^(-1/root)`` for every factor; ``None`` where it could not be computed.
+    """``(F + ε I)^(-1/root)`` for every factor, ``ε = epsilon + relative_epsilon · λ_max(F)``;
+    ``None`` where it could not be computed.
 
     Dense factors of one shape, dtype, device and root share one batched
     :func:`~guided_descent.linalg.matrix_functions.inverse_root` call; if that call fails, its
@@ -257,7 +270,7 @@ def inverse_roots(
     dense = [i for i, F in enumerate(factors) if F.dim() == 2]
     for i, F in enumerate(factors):
         if F.dim() == 1:
-            out[i] = _one_root(F, roots[i], epsilon)
+            out[i] = _one_root(F, roots[i], epsilon, relative_epsilon)
     by_root: dict[int, list[int]] = {}
     for i in dense:
         by_root.setdefault(roots[i], []).append(i)
@@ -266,15 +279,19 @@ def inverse_roots(
         for positions in buckets.values():
             idx = [members[j] for j in positions]
             if len(idx) == 1:
-                out[idx[0]] = _one_root(factors[idx[0]], root, epsilon)
+                out[idx[0]] = _one_root(factors[idx[0]], root, epsilon, relative_epsilon)
                 continue
             try:
                 batch, spectra = inverse_root(
-                    torch.stack([factors[i] for i in idx]), root, epsilon, return_eigenvalues=True
+                    torch.stack([factors[i] for i in idx]),
+                    root,
+                    epsilon,
+                    relative_eps=relative_epsilon,
+                    return_eigenvalues=True,
                 )
             except MatrixFunctionError:
                 for i in idx:
-                    out[i] = _one_root(factors[i], root, epsilon)
+                    out[i] = _one_root(factors[i], root, epsilon, relative_epsilon)
                 continue
             conditions = condition_number(spectra)  # (len(idx),)
             for j, i in enumerate(idx):

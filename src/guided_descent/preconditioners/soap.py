@@ -121,18 +121,40 @@ def soap_update(
     return project_back(rotated_step, bases)
 
 
-def initial_bases(factors: Sequence[Tensor]) -> list[Tensor | None]:
-    """Full eigenbases of the ``(n, n)`` factors, batched by size; ``None`` where eigh failed."""
+def tiebroken(F: Tensor, tiebreak: float) -> Tensor:
+    """``F + tiebreak · λ_max · D`` with ``D = diag(1, ..., 0)`` (evenly spaced): the matrix whose
+    eigenvectors :func:`initial_bases` takes (``F`` itself for ``tiebreak = 0``).
+
+    A factor built from a few gradients is rank-deficient, and inside its null space (or any
+    cluster of eigenvalues closer than rounding) ``eigh`` returns an arbitrary basis, different on
+    another CPU or after a perturbation of 1e-7. SOAP runs Adam per coordinate of that basis, so
+    the arbitrary choice decided the step (relative changes of 40 % after ten steps, measured).
+    ``D`` breaks those ties the same way every time: directions the factor does not separate by
+    more than ``tiebreak · λ_max`` are ordered along the coordinate axes, i.e. stay close to
+    Adam's own coordinates; well-separated eigen-directions move by ``O(tiebreak)``. ``λ_max`` is
+    bounded by the Frobenius norm (within ``sqrt(rank)``), cheaper than an extra decomposition.
+    """
+    if tiebreak == 0.0:
+        return F
+    n = F.shape[-1]
+    scale = torch.linalg.matrix_norm(F).unsqueeze(-1)  # (..., 1): ‖F‖_F >= λ_max
+    ramp = torch.linspace(1.0, 0.0, n, dtype=F.dtype, device=F.device)
+    return F + torch.diag_embed(tiebreak * scale * ramp)
+
+
+def initial_bases(factors: Sequence[Tensor], tiebreak: float = 0.0) -> list[Tensor | None]:
+    """Full eigenbases of the ``(n, n)`` factors (of :func:`tiebroken` ones when ``tiebreak >
+    0``), batched by size; ``None`` where eigh failed."""
     out: list[Tensor | None] = [None] * len(factors)
     for idx in size_buckets(factors).values():
         try:
-            batch = eigenbasis(torch.stack([factors[i] for i in idx]))
+            batch = eigenbasis(tiebroken(torch.stack([factors[i] for i in idx]), tiebreak))
         except MatrixFunctionError:
             if len(idx) == 1:
                 continue
             for i in idx:  # isolate the bad factor(s)
                 try:
-                    out[i] = eigenbasis(factors[i])
+                    out[i] = eigenbasis(tiebroken(factors[i], tiebreak))
                 except MatrixFunctionError:
                     pass
             continue
@@ -153,17 +175,34 @@ class BasisRefresh(NamedTuple):
     condition: Tensor
 
 
-def refresh_bases(factors: Sequence[Tensor], bases: Sequence[Tensor]) -> list[BasisRefresh]:
-    """One :func:`refresh_eigenbasis` step per (factor, basis) pair, batched by size."""
+def refresh_bases(
+    factors: Sequence[Tensor], bases: Sequence[Tensor], shift: float = 0.0
+) -> list[BasisRefresh]:
+    """One :func:`refresh_eigenbasis` step per (factor, basis) pair, batched by size.
+
+    ``shift``: the power step works on ``F + shift · (tr F / n) · I``, which has the same
+    eigenvectors. Where ``F`` has no signal (its null space) ``F Q`` is rounding noise, and QR
+    would normalize that noise into new, arbitrary basis vectors at every refresh; with the shift,
+    those columns keep their previous directions instead. Convergence of the others slows only by
+    the ratio ``(λ_i + s) / (λ_j + s)``. The condition estimates are those of ``F`` itself.
+    """
     if len(factors) != len(bases):
         raise ValueError(f"refresh_bases: {len(factors)} factors but {len(bases)} bases")
     out: dict[int, BasisRefresh] = {}
     for idx in size_buckets(factors).values():
+        stack = torch.stack([factors[i] for i in idx])  # (b, n, n)
+        amount = None
+        if shift:
+            n = stack.shape[-1]
+            amount = shift * stack.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) / n  # (b, 1)
+            stack = stack + torch.diag_embed(amount.expand(-1, n))
         result, estimates = refresh_eigenbasis(
-            torch.stack([factors[i] for i in idx]),
+            stack,
             torch.stack([bases[i] for i in idx]),
             return_estimates=True,
         )
+        if amount is not None:
+            estimates = estimates - amount
         conditions = condition_number(estimates)  # (len(idx),)
         for j, i in enumerate(idx):
             out[i] = BasisRefresh(
