@@ -156,8 +156,8 @@ def test_refresh_permutes_the_rotated_second_moment_with_the_basis(monkeypatch):
     orders = []
     real = soap_shell.refresh_bases
 
-    def spy(factors, bases):
-        results = real(factors, bases)
+    def spy(factors, bases, shift=0.0):
+        results = real(factors, bases, shift)
         orders.extend(r.order for r in results)
         return results
 
