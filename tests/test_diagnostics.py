@@ -125,9 +125,10 @@ def test_preconditioner_age_counts_steps_since_the_refresh(name, hp, kind):
         entry = next(e for e in opt.diagnostics()["params"] if e["shape"] == [8, 8])
         assert entry["preconditioner"] == kind
         ages.append(entry["preconditioner_age"])
-    # Shampoo refreshes on steps 1, 4, 7; SOAP computes its basis with the first gradient and
-    # refreshes every 3 Adam steps (its step count starts one later); K-FAC on steps 1, 4, 7.
-    expected = {"shampoo": [0, 1, 2, 0, 1, 2, 0], "soap": [0, 1, 2, 0, 1, 2, 0],
+    # Shampoo starts at its first refresh and refreshes on steps 3 and 6 (no root before step
+    # 3: no age); SOAP computes its basis with the first gradient and refreshes every 3 Adam
+    # steps (its step count starts one later); K-FAC on steps 1, 4, 7.
+    expected = {"shampoo": [None, None, 0, 1, 2, 0, 1], "soap": [0, 1, 2, 0, 1, 2, 0],
                 "kfac": [0, 1, 2, 0, 1, 2, 0]}[name]
     assert ages == expected
     assert entry["condition_number"] > 1.0

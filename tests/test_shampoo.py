@@ -17,6 +17,11 @@ from guided_descent.preconditioners.shampoo import shampoo_layout
 
 F64 = torch.float64
 
+# The references' setting (Gupta et al.; Anil et al.): preconditioning from the first step and an
+# absolute epsilon only. The formula tests below compare against the dense math of that update;
+# the defaults start at the first refresh with a relative damping (see Shampoo's docstring).
+REFERENCE = {"start_preconditioning_step": 1, "relative_epsilon": 0.0}
+
 
 def inv_root(A: torch.Tensor, p: int, eps: float) -> torch.Tensor:
     """(A + eps I)^(-1/p) in float64 straight from torch.linalg.eigh: the test's own reference."""
@@ -46,7 +51,7 @@ def test_step_is_the_dense_two_sided_inverse_fourth_root(dtype, tol):
     W = param((5, 3), dtype)
     ref = W.detach().to(F64).clone()
     # beta1 = 0 and no grafting: the update is L^-1/4 G R^-1/4 itself.
-    opt = Shampoo([W], lr=lr, betas=(0.0, beta2), epsilon=eps, grafting="none",
+    opt = Shampoo([W], **REFERENCE, lr=lr, betas=(0.0, beta2), epsilon=eps, grafting="none",
                   precondition_frequency=1)
     L, R = torch.zeros(5, 5, dtype=F64), torch.zeros(3, 3, dtype=F64)
     for t, G in enumerate(gradients((5, 3), 4), start=1):
@@ -66,7 +71,7 @@ def test_adam_grafting_keeps_shampoo_direction_with_adams_norm():
     lr, beta1, beta2, eps = 0.05, 0.9, 0.99, 1e-3
     W = param((4, 6))
     ref = W.detach().clone()
-    opt = Shampoo([W], lr=lr, betas=(beta1, beta2), eps=1e-8, epsilon=eps,
+    opt = Shampoo([W], **REFERENCE, lr=lr, betas=(beta1, beta2), eps=1e-8, epsilon=eps,
                   precondition_frequency=1)
     # The graft's step, measured on torch.optim.Adam itself (lr=1: the delta is the step).
     probe = nn.Parameter(torch.zeros(4, 6, dtype=F64))
@@ -107,7 +112,7 @@ def test_order_three_tensor_uses_sixth_roots():
     lr, beta2, eps, shape = 0.1, 0.8, 1e-2, (3, 4, 5)
     X = param(shape)
     ref = X.detach().clone()
-    opt = Shampoo([X], lr=lr, betas=(0.0, beta2), epsilon=eps, grafting="none",
+    opt = Shampoo([X], **REFERENCE, lr=lr, betas=(0.0, beta2), epsilon=eps, grafting="none",
                   precondition_frequency=1)
     assert shampoo_layout(shape, 1024, 4096).blocks[0].root == 6
     F = [torch.zeros(n, n, dtype=F64) for n in shape]
@@ -125,7 +130,7 @@ def test_order_three_tensor_uses_sixth_roots():
 def test_length_one_dimensions_are_dropped():
     a, b = param((5, 1, 3)), param((5, 3))
     b.data.copy_(a.detach().reshape(5, 3))
-    opts = [Shampoo([p], lr=0.1, precondition_frequency=1) for p in (a, b)]
+    opts = [Shampoo([p], **REFERENCE, lr=0.1, precondition_frequency=1) for p in (a, b)]
     for G in gradients((5, 3), 3, seed=11):
         step(opts[0], [a], [G.reshape(5, 1, 3)])
         step(opts[1], [b], [G])
@@ -159,7 +164,7 @@ def test_same_size_blocks_share_one_batched_inverse_root(monkeypatch):
 
     monkeypatch.setattr(shampoo_math, "inverse_root", spy)
     W, V = param((8, 8)), param((4, 4), seed=3)
-    opt = Shampoo([W, V], max_preconditioner_dim=4, precondition_frequency=1)
+    opt = Shampoo([W, V], **REFERENCE, max_preconditioner_dim=4, precondition_frequency=1)
     step(opt, [W, V], [torch.randn(8, 8, dtype=F64), torch.randn(4, 4, dtype=F64)])
     # 4 blocks x (L, R) of W and V's (L, R): ten 4x4 factors, one call.
     assert calls == [(10, 4, 4)]
@@ -169,7 +174,7 @@ def test_same_size_blocks_share_one_batched_inverse_root(monkeypatch):
 def test_vectors_and_scalars_take_the_adam_fallback(shape):
     p = param(shape, torch.float32)
     q = nn.Parameter(p.detach().clone())
-    opt = Shampoo([p], lr=1e-2, precondition_frequency=1)
+    opt = Shampoo([p], **REFERENCE, lr=1e-2, precondition_frequency=1)
     adam = torch.optim.Adam([q], lr=1e-2)
     for G in gradients(shape, 5, seed=17):
         step(opt, [p], [G])
@@ -182,7 +187,7 @@ def test_dimension_above_max_factor_dim_gets_a_diagonal_factor():
     lr, beta2, eps = 0.1, 0.9, 1e-3
     W = param((3, 12))
     ref = W.detach().clone()
-    opt = Shampoo([W], lr=lr, betas=(0.0, beta2), epsilon=eps, grafting="none",
+    opt = Shampoo([W], **REFERENCE, lr=lr, betas=(0.0, beta2), epsilon=eps, grafting="none",
                   precondition_frequency=1, max_factor_dim=8)
     L, d = torch.zeros(3, 3, dtype=F64), torch.zeros(12, dtype=F64)
     for t, G in enumerate(gradients((3, 12), 3, seed=19), start=1):
@@ -222,8 +227,8 @@ def test_failed_inverse_root_keeps_the_previous_preconditioner(monkeypatch):
     grads = gradients((5, 4), 3, seed=29)
     W, W_ref = param((5, 4), torch.float32), param((5, 4), torch.float32)
     # Reference: roots from step 1 are reused at step 2 because none are due.
-    ref = Shampoo([W_ref], lr=0.1, precondition_frequency=2)
-    opt = Shampoo([W], lr=0.1, precondition_frequency=1)
+    ref = Shampoo([W_ref], **REFERENCE, lr=0.1, precondition_frequency=2)
+    opt = Shampoo([W], **REFERENCE, lr=0.1, precondition_frequency=1)
     step(ref, [W_ref], [grads[0]])
     step(opt, [W], [grads[0]])
 
@@ -250,7 +255,7 @@ def test_failure_before_any_root_uses_the_identity(monkeypatch):
     monkeypatch.setattr(shampoo_math, "inverse_root", broken)
     W = param((3, 3), torch.float32)
     before = W.detach().clone()
-    opt = Shampoo([W], lr=0.1, betas=(0.0, 0.9))
+    opt = Shampoo([W], **REFERENCE, lr=0.1, betas=(0.0, 0.9))
     G = gradients((3, 3), 1)[0]
     with pytest.warns(RuntimeWarning):
         step(opt, [W], [G])

@@ -167,7 +167,7 @@ CHECKS: dict[str, Check] = {
     "matrix_view": _matrix_view,
     # Shampoo and SOAP
     "precondition_frequency": positive_int("precondition_frequency"),
-    "start_preconditioning_step": positive_int("start_preconditioning_step"),
+    "start_preconditioning_step": optional(positive_int("start_preconditioning_step")),
     "max_preconditioner_dim": positive_int("max_preconditioner_dim"),
     "max_factor_dim": positive_int("max_factor_dim"),
     "max_precond_dim": nonneg_int("max_precond_dim"),
