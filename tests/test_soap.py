@@ -78,7 +78,7 @@ def test_identity_eigenbasis_equals_adamw_step_for_step():
 def test_first_basis_is_the_sorted_eigenbasis_of_the_first_factors():
     W = param((5, 3))
     G = gradients((5, 3), 1, seed=7)[0]
-    opt = SOAP([W], **HP)
+    opt = SOAP([W], **HP, tiebreak=0.0)  # the references' eigh, as it comes
     step(opt, [W], [G])
     state = opt.state[W]
     assert state["step"].item() == 0
@@ -243,3 +243,20 @@ def test_routing_and_validation():
     ]:
         with pytest.raises(ValueError, match=match):
             gd.create("soap", model, **kwargs)
+
+
+def test_the_first_basis_resolves_a_null_space_the_same_way_every_time():
+    # A rank-1 factor (one gradient of rank 1): its 4-dimensional null space has no preferred
+    # basis, and eigh returns whatever rounding makes it. tiebroken() picks the eigenvectors of
+    # F + tiebreak ‖F‖ D instead: a perturbation of 1e-7 leaves them within rounding, and they
+    # still contain the signal direction exactly.
+    u = torch.tensor([3.0, 1.0, -2.0, 0.5, 1.0], dtype=F64)
+    F = torch.outer(u, u)
+    g = torch.Generator().manual_seed(0)
+    noisy = F * (1 + 1e-7 * torch.randn(5, 5, generator=g, dtype=F64))
+    noisy = 0.5 * (noisy + noisy.T)
+    Q, Qn = soap_math.initial_bases([F, noisy], tiebreak=1e-2)
+    torch.testing.assert_close(Qn.abs(), Q.abs(), atol=1e-5, rtol=0)  # columns up to sign
+    top = Q[:, 0] * torch.sign(Q[:, 0] @ u)
+    torch.testing.assert_close(top, u / u.norm(), atol=1e-2, rtol=0)  # O(tiebreak) rotation
+    torch.testing.assert_close(Q.T @ Q, torch.eye(5, dtype=F64), atol=1e-12, rtol=0)
