@@ -38,7 +38,12 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.register_profile("dev", deadline=None, print_blob=True)
+# "dev" derives from Hypothesis's built-in "default" profile, not from whatever is active now:
+# with CI set in the environment Hypothesis has already loaded its own "ci" profile (no
+# database), and a profile registered without a parent would inherit that.
+settings.register_profile(
+    "dev", parent=settings.get_profile("default"), deadline=None, print_blob=True
+)
 # Loaded here, at conftest import, because a test's own @settings(...) copies the active profile
 # when its module is imported. --hypothesis-profile (applied later by Hypothesis's plugin) wins.
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

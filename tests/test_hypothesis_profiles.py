@@ -41,11 +41,14 @@ def probe_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_probe(where: Path, *args: str) -> dict:
+def run_probe(where: Path, *args: str, ci: bool = False) -> dict:
     out = where / "out.json"
     # A clean child: no profile chosen, and not mistaken for an xdist worker of ours.
     env = {k: v for k, v in os.environ.items()
            if k != "HYPOTHESIS_PROFILE" and not k.startswith("PYTEST_")}
+    env.pop("CI", None)  # Hypothesis loads its own "ci" profile when CI is set; see below
+    if ci:
+        env["CI"] = "true"
     env["PROBE_OUT"] = str(out)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
            "--rootdir", str(where), str(where), *args]
@@ -68,3 +71,8 @@ def test_ci_by_default_a_seed_when_given_dev_on_request(probe_dir):
 
     dev = run_probe(probe_dir, "--hypothesis-profile=dev")
     assert dev["profile"] == "dev" and "DirectoryBasedExampleDatabase" in dev["database"]
+    # On a CI machine (CI set) as well: "dev" must not inherit Hypothesis's own CI profile.
+    dev_on_ci = run_probe(probe_dir, "--hypothesis-profile=dev", ci=True)
+    assert dev_on_ci["profile"] == "dev" and "DirectoryBasedExampleDatabase" in dev_on_ci["database"]
+    on_ci = run_probe(probe_dir, ci=True)
+    assert on_ci["profile"] == "ci" and on_ci["drawn"] == first["drawn"]
