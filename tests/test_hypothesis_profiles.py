@@ -73,6 +73,7 @@ def test_ci_by_default_a_seed_when_given_dev_on_request(probe_dir):
     assert dev["profile"] == "dev" and "DirectoryBasedExampleDatabase" in dev["database"]
     # On a CI machine (CI set) as well: "dev" must not inherit Hypothesis's own CI profile.
     dev_on_ci = run_probe(probe_dir, "--hypothesis-profile=dev", ci=True)
-    assert dev_on_ci["profile"] == "dev" and "DirectoryBasedExampleDatabase" in dev_on_ci["database"]
+    assert dev_on_ci["profile"] == "dev"
+    assert "DirectoryBasedExampleDatabase" in dev_on_ci["database"]
     on_ci = run_probe(probe_dir, ci=True)
     assert on_ci["profile"] == "ci" and on_ci["drawn"] == first["drawn"]
