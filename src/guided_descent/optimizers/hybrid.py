@@ -28,9 +28,10 @@ AdamW groups need neither: torch's AdamW runs on DTensor shards as they are.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import warnings
 import weakref
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from itertools import chain
 from typing import Any, ClassVar
 
@@ -43,6 +44,7 @@ from guided_descent.distributed.split import (
     Distributed,
     SplitStats,
     WorkSplit,
+    auto,
     distributed_report,
     resolve,
 )
@@ -152,6 +154,55 @@ def _named_overrides(
         for a, pairs in chosen.items()
         if pairs
     ]
+
+
+def routed_factory(cls: type[HybridOptimizer], name: str, doc: str) -> Callable[..., Any]:
+    """The registry's factory for the hybrid optimizer ``cls``: ``name(target, **hyperparams)``.
+
+    ``target`` is a model (routed by :func:`plan_groups`: ``routing`` overrides by name,
+    ``routing_policy`` for what the method takes, ``example_inputs`` to settle the routing at
+    once) or parameters / param groups. Its keyword arguments are ``cls``'s -- the signature is
+    built from the class, so the two never drift apart -- and ``distributed=None`` splits the
+    work when ``target`` is a ``DistributedDataParallel`` module.
+    """
+    hyper = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for n, p in inspect.signature(cls.__init__).parameters.items()
+        if n not in ("self", "params", "router")
+    ]
+    extra = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a)
+        for n, a in (
+            ("routing", "Mapping[str, str] | None"),
+            ("routing_policy", "RoutingPolicy | None"),
+            ("example_inputs", "Any"),
+        )
+    ]
+    target = inspect.Parameter(
+        "target", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module | Iterable[Any]"
+    )
+
+    def factory(
+        target: Any,
+        *,
+        routing: Mapping[str, str] | None = None,
+        routing_policy: RoutingPolicy | None = None,
+        example_inputs: Any = None,
+        **hyperparams: Any,
+    ) -> HybridOptimizer:
+        groups, router = plan_groups(
+            target, cls.ALGORITHM, routing, policy=routing_policy, example_inputs=example_inputs
+        )
+        hyperparams["distributed"] = auto(hyperparams.get("distributed"), target)
+        return cls(groups, **hyperparams, router=router)
+
+    factory.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [target, *hyper, *extra], return_annotation=cls.__name__
+    )
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = cls.__module__
+    factory.__doc__ = doc
+    return factory
 
 
 def build_groups(

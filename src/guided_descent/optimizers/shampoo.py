@@ -10,26 +10,25 @@ registry entry.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from guided_descent.distributed.dtensor import local, shard_layout
-from guided_descent.distributed.plan import assign, diagonal_root_flops, inverse_root_flops
-from guided_descent.distributed.split import Distributed, TensorSpec, WorkSplit, auto
+from guided_descent.distributed.plan import diagonal_root_flops, inverse_root_flops
+from guided_descent.distributed.split import Distributed, TensorSpec, WorkSplit
 from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
-    HybridOptimizer,
     adamw_defaults,
     counter,
     mark_refreshed,
     mark_refreshed_on_device,
-    plan_groups,
     refresh_age,
+    routed_factory,
     warn_failure,
 )
+from guided_descent.optimizers.kronecker import KroneckerOptimizer
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kronecker import compute_dtype, factor_name
@@ -46,7 +45,6 @@ from guided_descent.preconditioners.shampoo import (
     shampoo_layout,
 )
 from guided_descent.routing import Router, RoutingPolicy, set_policy
-from guided_descent.transforms.descend import descend_
 from guided_descent.transforms.grafting import (
     Grafting,
     accumulate_squares_,
@@ -84,7 +82,7 @@ def _check_shampoo_options(owner: str, group: Mapping[str, Any]) -> None:
         raise ValueError(f"{owner}: nesterov=True needs momentum > 0, got momentum=0")
 
 
-class Shampoo(HybridOptimizer):
+class Shampoo(KroneckerOptimizer):
     """Shampoo (Gupta et al. 2018; Anil et al. 2020) with AdamW for groups tagged ``"adamw"``.
 
     Update of a parameter ``W`` of a ``"shampoo"`` group at step ``t``, gradient ``G``, everything
@@ -127,9 +125,9 @@ class Shampoo(HybridOptimizer):
 
     Args:
         params: parameters or param-group dicts (optionally tagged ``"algorithm"``). Untagged
-            groups stay on Shampoo whatever their rank (``MIN_NDIM = 0``): it handles vectors and
-            scalars itself. Use :func:`shampoo` on a model to route embeddings, the head, norms
-            and biases to AdamW.
+            groups are split by shape like every matrix method's: >= 2-D to Shampoo, the rest to
+            AdamW; a group tagged ``"shampoo"`` may hold vectors and scalars too (its diagonal
+            path). Use :func:`shampoo` on a model to route embeddings, the head, norms and biases.
         lr: learning rate. With Adam grafting the step has Adam's size, so Adam's learning rates
             apply. Default 1e-3.
         betas: ``(beta1, beta2)``: the first moment's EMA; the EMA of the factors and of the Adam
@@ -181,9 +179,7 @@ class Shampoo(HybridOptimizer):
     ALGORITHM = "shampoo"
     # What this method takes from a model (guided_descent.routing): hidden matrices only.
     ROUTING = RoutingPolicy()
-    MASKED_SKIP = True  # takes a device-side flag: see guard's "Sync-free skip"
     STATE_NAME = "Shampoo"
-    MIN_NDIM = 0
 
     def __init__(
         self,
@@ -296,27 +292,7 @@ class Shampoo(HybridOptimizer):
     def _factor_keys(self, p: Tensor) -> list[str]:
         return [f"{PREFIX}.{factor_name(dim, p.dim())}" for dim in range(p.dim())]
 
-    def matrix_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
-        params = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Shampoo does not support sparse gradients")
-            params.append(p)
-        plain = [p for p in params if shard_layout(p) is None]
-        sharded = [p for p in params if shard_layout(p) is not None]
-        lr = float(group["lr"])
-        if plain:
-
-            def apply(i: int, update: Tensor) -> None:
-                descend_(plain[i], update, lr, group["weight_decay"], ok)
-
-            self._updates(group, [(p, p.grad) for p in plain], self.work_split, apply, ok)
-        if sharded:
-            self._sharded_step(group, sharded)
-
-    def _updates(
+    def updates(
         self,
         group: dict[str, Any],
         items: list[tuple[Tensor, Tensor]],
@@ -405,7 +381,7 @@ class Shampoo(HybridOptimizer):
     def restore_counts(self, p: Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
         state["calls"] = int(state["step"].item())
 
-    def _cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
+    def cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
         """Estimated FLOPs per step of a parameter's whole update: factor statistics and the
         preconditioned direction (``~4 numel`` per dense dimension's length) and its inverse
         roots, amortized over ``precondition_frequency``."""
@@ -420,54 +396,6 @@ class Shampoo(HybridOptimizer):
                     cost += 4.0 * block_numel * n
                     cost += inverse_root_flops(n) / group["precondition_frequency"]
         return cost
-
-    def _sharded_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """FSDP2: each sharded parameter's whole Shampoo state lives on one owner rank (the
-        preconditioner needs the full matrix). Every rank sends its gradient shard to the owner;
-        the owner computes the update from the full gradient exactly as on one process and
-        sends each rank its shard back; every rank applies its shard."""
-        split = self.sharded_split()
-        # Owners over all sharded parameters of the group, not just those with a gradient this
-        # step: the owner keeps the state, so it must not change from step to step.
-        every = [p for p in group["params"] if shard_layout(p) is not None]
-        plan = assign([self._cost(p, group) for p in every], split.world_size)
-        owner_of = {id(p): rank for p, rank in zip(every, plan.owners, strict=True)}
-        owners = [owner_of[id(p)] for p in params]
-        for p, owner in zip(params, owners, strict=True):
-            if owner != split.rank:
-                # An empty entry: DCP's get/set_optimizer_state_dict then see every parameter.
-                self.state[p]  # noqa: B018
-        lr = float(group["lr"])
-        dtypes = [compute_dtype(p.dtype) for p in params]
-
-        def compute(indices: list[int], full: list[Tensor]) -> list[tuple[Tensor, list[Tensor]]]:
-            out: list[tuple[Tensor, list[Tensor]]] = []
-
-            def keep(_i: int, update: Tensor) -> None:
-                # May be the momentum buffer itself: nothing writes to it before it is sent.
-                out.append((update, [rms(update, lr).to(update.dtype)]))
-
-            self._updates(
-                group, [(params[i], g) for i, g in zip(indices, full, strict=True)], None, keep
-            )
-            return out
-
-        shards, extras = split.map_sharded(
-            "shampoo",
-            owners,
-            [self._cost(p, group) for p in params],
-            [local(p.grad) for p in params],
-            [shard_layout(p) for p in params],  # type: ignore[misc]  # sharded, not None
-            compute,
-            out_dtypes=dtypes,
-            extra_specs=[
-                [TensorSpec((), dt, p.device)] for dt, p in zip(dtypes, params, strict=True)
-            ],
-        )
-        for p, owner, update, extra in zip(params, owners, shards, extras, strict=True):
-            if owner != split.rank:
-                self._observe(p, update_rms=extra[0])
-            descend_(local(p), update, lr, group["weight_decay"])
 
     def _refresh_roots(
         self,
@@ -610,72 +538,18 @@ class Shampoo(HybridOptimizer):
         return update.add(new, alpha=momentum) if nesterov else new
 
 
-def shampoo(
-    target: nn.Module | Iterable[Any],
-    *,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    epsilon: float = 1e-12,
-    relative_epsilon: float = RELATIVE_EPSILON,
-    momentum: float = 0.0,
-    nesterov: bool = False,
-    precondition_frequency: int = 10,
-    start_preconditioning_step: int | None = None,
-    max_preconditioner_dim: int = 1024,
-    max_factor_dim: int = 4096,
-    matrix_view: str = "flatten",
-    grafting: Grafting = "adam",
-    adamw_lr: float | None = None,
-    adamw_betas: tuple[float, float] | None = None,
-    adamw_eps: float | None = None,
-    adamw_weight_decay: float | None = None,
-    routing: Mapping[str, str] | None = None,
-    routing_policy: RoutingPolicy | None = None,
-    example_inputs: Any = None,
-    on_nonfinite: str = "skip",
-    distributed: Distributed = None,
-) -> Shampoo:
+shampoo = routed_factory(
+    Shampoo,
+    "shampoo",
     """A :class:`Shampoo` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
 
     Given an ``nn.Module``, hidden ``Linear``/``Conv`` weights go to Shampoo and embeddings, the
-    output head, norms and biases to AdamW; ``routing`` maps ``fnmatch`` patterns on parameter
-    names to ``"shampoo"`` or ``"adamw"`` to override that. Given a list of parameters, all of them
-    go to Shampoo (vectors and scalars take its diagonal fallback); param-group dicts are passed
-    through. The other arguments are :class:`Shampoo`'s.
-    ``routing_policy`` replaces the method's :class:`~guided_descent.routing.RoutingPolicy`
-    (what it takes from a model: head, input layer, embeddings, vectors, attention views);
-    ``example_inputs`` (the arguments of one forward pass) settle the routing at once instead of
-    at the model's first forward pass.
-    """
-    groups, router = plan_groups(
-        target, Shampoo.ALGORITHM, routing, policy=routing_policy, example_inputs=example_inputs
-    )
-    return Shampoo(
-        groups,
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        epsilon=epsilon,
-        relative_epsilon=relative_epsilon,
-        momentum=momentum,
-        nesterov=nesterov,
-        precondition_frequency=precondition_frequency,
-        start_preconditioning_step=start_preconditioning_step,
-        max_preconditioner_dim=max_preconditioner_dim,
-        max_factor_dim=max_factor_dim,
-        matrix_view=matrix_view,
-        grafting=grafting,
-        adamw_lr=adamw_lr,
-        adamw_betas=adamw_betas,
-        adamw_eps=adamw_eps,
-        adamw_weight_decay=adamw_weight_decay,
-        on_nonfinite=on_nonfinite,
-        distributed=auto(distributed, target),
-        router=router,
-    )
+    output head, norms and biases to AdamW (``routing`` overrides by ``fnmatch`` pattern,
+    ``routing_policy`` changes what Shampoo takes, ``example_inputs`` settle the routing at once
+    rather than at the first forward pass); given parameters, they are split by shape. The
+    other arguments are :class:`Shampoo`'s.
+    """,
+)
 
 
 SPEC = register(

@@ -8,26 +8,25 @@ registry entry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from guided_descent.distributed.dtensor import local, shard_layout
-from guided_descent.distributed.plan import assign, eigh_flops, qr_refresh_flops
-from guided_descent.distributed.split import Distributed, TensorSpec, WorkSplit, auto
+from guided_descent.distributed.plan import eigh_flops, qr_refresh_flops
+from guided_descent.distributed.split import Distributed, TensorSpec, WorkSplit
 from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
-    HybridOptimizer,
     adamw_defaults,
     counter,
     mark_refreshed,
     mark_refreshed_on_device,
-    plan_groups,
     refresh_age,
+    routed_factory,
     warn_failure,
 )
+from guided_descent.optimizers.kronecker import KroneckerOptimizer
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.kronecker import compute_dtype, factor_name, kronecker_factor
@@ -44,7 +43,6 @@ from guided_descent.preconditioners.soap import (
 )
 from guided_descent.preconditioners.views import FLATTEN, matrix_shape, parse_view
 from guided_descent.routing import Router, RoutingPolicy, set_policy
-from guided_descent.transforms.descend import descend_
 from guided_descent.transforms.masking import commit_, count_
 
 PREFIX = "soap"
@@ -57,7 +55,7 @@ REFRESHED_AT = f"{PREFIX}.refreshed_at"
 _BasisJob = tuple[Tensor, dict[str, Any], int, str]
 
 
-class SOAP(HybridOptimizer):
+class SOAP(KroneckerOptimizer):
     """SOAP (Vyas et al. 2024, arXiv 2409.11321) with AdamW for groups tagged ``"adamw"``.
 
     Update of a parameter ``W`` of a ``"soap"`` group, gradient ``G``, bases ``Q_i`` of the
@@ -102,8 +100,9 @@ class SOAP(HybridOptimizer):
 
     Args:
         params: parameters or param-group dicts (optionally tagged ``"algorithm"``). Untagged
-            groups stay on SOAP whatever their rank (``MIN_NDIM = 0``). Use :func:`soap` on a
-            model to route embeddings, the head, norms and biases to AdamW.
+            groups are split by shape like every matrix method's: >= 2-D to SOAP, the rest to
+            AdamW; a group tagged ``"soap"`` may hold vectors and scalars too (plain Adam inside
+            it). Use :func:`soap` on a model to route embeddings, the head, norms and biases.
         lr: learning rate. Default 3e-3 (the paper's).
         betas: Adam's ``(beta1, beta2)``. Default (0.95, 0.95).
         eps: Adam's denominator term. Default 1e-8.
@@ -148,9 +147,7 @@ class SOAP(HybridOptimizer):
     ALGORITHM = "soap"
     # What this method takes from a model (guided_descent.routing): hidden matrices only.
     ROUTING = RoutingPolicy()
-    MASKED_SKIP = True  # takes a device-side flag: see guard's "Sync-free skip"
     STATE_NAME = "SOAP"
-    MIN_NDIM = 0
 
     def __init__(
         self,
@@ -264,27 +261,7 @@ class SOAP(HybridOptimizer):
         """``(dim, key)`` of the rotated dimensions whose state exists (fixed at creation)."""
         return [(d, key) for d, key, _n in self._rotations(p, group) if key in state]
 
-    def matrix_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
-        params = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SOAP does not support sparse gradients")
-            params.append(p)
-        plain = [p for p in params if shard_layout(p) is None]
-        sharded = [p for p in params if shard_layout(p) is not None]
-        lr = float(group["lr"])
-        if plain:
-
-            def apply(i: int, update: Tensor) -> None:
-                descend_(plain[i], update, lr, group["weight_decay"], ok)
-
-            self._updates(group, [(p, p.grad) for p in plain], self.work_split, apply, ok)
-        if sharded:
-            self._sharded_step(group, sharded)
-
-    def _updates(
+    def updates(
         self,
         group: dict[str, Any],
         items: list[tuple[Tensor, Tensor]],
@@ -380,7 +357,7 @@ class SOAP(HybridOptimizer):
         else:
             commit_(F, F.lerp(statistic, 1.0 - shampoo_beta), ok)
 
-    def _cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
+    def cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
         """Estimated FLOPs per step of a parameter's update: four mode products with each
         rotated dimension's basis and its factor statistics (``~2 numel n`` each), plus the
         basis refresh amortized over ``precondition_frequency``."""
@@ -391,63 +368,6 @@ class SOAP(HybridOptimizer):
             refresh = count * qr_refresh_flops(n) / group["precondition_frequency"]
             cost += 10.0 * p.numel() * n + refresh
         return cost
-
-    def _sharded_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """FSDP2: each sharded parameter's whole SOAP state lives on one owner rank (rotating
-        into the eigenbasis needs the full matrix). Every rank sends its gradient shard to the
-        owner, which computes the update exactly as on one process and sends the shards back,
-        with a flag saying whether the parameter moves this step."""
-        split = self.sharded_split()
-        # Owners over all sharded parameters of the group, not just those with a gradient this
-        # step: the owner keeps the state, so it must not change from step to step.
-        every = [p for p in group["params"] if shard_layout(p) is not None]
-        plan = assign([self._cost(p, group) for p in every], split.world_size)
-        owner_of = {id(p): rank for p, rank in zip(every, plan.owners, strict=True)}
-        owners = [owner_of[id(p)] for p in params]
-        for p, owner in zip(params, owners, strict=True):
-            if owner != split.rank:
-                # An empty entry: DCP's get/set_optimizer_state_dict then see every parameter.
-                self.state[p]  # noqa: B018
-        lr = float(group["lr"])
-        dtypes = [compute_dtype(p.dtype) for p in params]
-
-        def compute(indices: list[int], full: list[Tensor]) -> list[tuple[Tensor, list[Tensor]]]:
-            updates: dict[int, Tensor] = {}
-
-            def keep(i: int, update: Tensor) -> None:
-                updates[i] = update
-
-            self._updates(
-                group, [(params[i], g) for i, g in zip(indices, full, strict=True)], None, keep
-            )
-            out = []
-            for j, i in enumerate(indices):
-                update = updates.get(j)
-                if update is None:  # the first gradient: zeros, and a flag that says "stay"
-                    zero = torch.zeros(params[i].shape, dtype=dtypes[i], device=full[j].device)
-                    out.append((zero, [zero.new_zeros(()), zero.new_zeros(())]))
-                else:
-                    moved = update.new_ones(())
-                    out.append((update, [moved, rms(update, lr).to(update.dtype)]))
-            return out
-
-        shards, extras = split.map_sharded(
-            "soap",
-            owners,
-            [self._cost(p, group) for p in params],
-            [local(p.grad) for p in params],
-            [shard_layout(p) for p in params],  # type: ignore[misc]  # sharded, not None
-            compute,
-            out_dtypes=dtypes,
-            extra_specs=[
-                [TensorSpec((), dt, p.device)] * 2 for dt, p in zip(dtypes, params, strict=True)
-            ],
-        )
-        for p, owner, update, (moved, size) in zip(params, owners, shards, extras, strict=True):
-            if owner != split.rank:
-                self._observe(p, update_rms=size)
-            if bool(moved):
-                descend_(local(p), update, lr, group["weight_decay"])
 
     @staticmethod
     def _slices(
@@ -627,64 +547,18 @@ class SOAP(HybridOptimizer):
         return [BasisRefresh(*fields) for fields in shared]
 
 
-def soap(
-    target: nn.Module | Iterable[Any],
-    *,
-    lr: float = 3e-3,
-    betas: tuple[float, float] = (0.95, 0.95),
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
-    shampoo_beta: float | None = None,
-    precondition_frequency: int = 10,
-    max_precond_dim: int = 10000,
-    matrix_view: str = "flatten",
-    tiebreak: float = TIEBREAK,
-    refresh_shift: float = REFRESH_SHIFT,
-    adamw_lr: float | None = None,
-    adamw_betas: tuple[float, float] | None = None,
-    adamw_eps: float | None = None,
-    adamw_weight_decay: float | None = None,
-    routing: Mapping[str, str] | None = None,
-    routing_policy: RoutingPolicy | None = None,
-    example_inputs: Any = None,
-    on_nonfinite: str = "skip",
-    distributed: Distributed = None,
-) -> SOAP:
+soap = routed_factory(
+    SOAP,
+    "soap",
     """A :class:`SOAP` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
 
     Given an ``nn.Module``, hidden ``Linear``/``Conv`` weights go to SOAP and embeddings, the
-    output head, norms and biases to AdamW; ``routing`` maps ``fnmatch`` patterns on parameter
-    names to ``"soap"`` or ``"adamw"`` to override that. Given a list of parameters, all go to
-    SOAP (vectors and scalars are plain AdamW inside it); param-group dicts are passed through.
-    The other arguments are :class:`SOAP`'s.
-    ``routing_policy`` replaces the method's :class:`~guided_descent.routing.RoutingPolicy`
-    (what it takes from a model: head, input layer, embeddings, vectors, attention views);
-    ``example_inputs`` (the arguments of one forward pass) settle the routing at once instead of
-    at the model's first forward pass.
-    """
-    groups, router = plan_groups(
-        target, SOAP.ALGORITHM, routing, policy=routing_policy, example_inputs=example_inputs
-    )
-    return SOAP(
-        groups,
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        shampoo_beta=shampoo_beta,
-        precondition_frequency=precondition_frequency,
-        max_precond_dim=max_precond_dim,
-        matrix_view=matrix_view,
-        tiebreak=tiebreak,
-        refresh_shift=refresh_shift,
-        adamw_lr=adamw_lr,
-        adamw_betas=adamw_betas,
-        adamw_eps=adamw_eps,
-        adamw_weight_decay=adamw_weight_decay,
-        on_nonfinite=on_nonfinite,
-        distributed=auto(distributed, target),
-        router=router,
-    )
+    output head, norms and biases to AdamW (``routing`` overrides by ``fnmatch`` pattern,
+    ``routing_policy`` changes what SOAP takes, ``example_inputs`` settle the routing at once
+    rather than at the first forward pass); given parameters, they are split by shape. The
+    other arguments are :class:`SOAP`'s.
+    """,
+)
 
 
 SPEC = register(
