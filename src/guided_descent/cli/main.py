@@ -382,13 +382,14 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _print_claims(path: Path) -> None:
-    from guided_descent.experiments.records import SUMMARY, read_json
+    from guided_descent.experiments.records import SUMMARY, claim_reason, claim_verdict, read_json
     from guided_descent.report import is_run, sub_runs
 
     for run_dir in [path] if is_run(path) else sub_runs(path):
         for claim in read_json(run_dir / SUMMARY)["claims"]:
-            mark = "PASS" if claim["passed"] else "FAIL"
-            print(f"  {mark}  {run_dir.name}: {claim['name']} = {claim['value']}", file=sys.stderr)
+            why = claim_reason(claim)
+            print(f"  {claim_verdict(claim):<9}  {run_dir.name}: {claim['name']} = "
+                  f"{claim['value']}" + (f" ({why})" if why else ""), file=sys.stderr)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

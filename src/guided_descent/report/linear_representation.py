@@ -25,6 +25,7 @@ from guided_descent.experiments.records import (
     ENV,
     REPORT,
     SUMMARY,
+    claim_verdict,
     read_json,
     read_metrics,
     write_atomic,
@@ -582,13 +583,13 @@ def discussion_transfer(res: Mapping[str, Any]) -> list[str]:
 
 
 def _claim_text(claims: Mapping[str, Mapping[str, Any]], name: str) -> str:
-    """``value (claim wants OP threshold: PASS|FAIL)`` for one claim of the run."""
+    """``value (claim wants OP threshold: PASS|FAIL|UNDECIDED)`` for one claim of the run."""
     c = claims.get(name)
     if c is None:
         return "not evaluated in this run"
     t = c["threshold"]
     want = f"{c['op']} {md.fmt(t)}" if c["op"] != "within" else f"in [{t[0]}, {t[1]}]"
-    return f"{md.fmt(c['value'], 4)} (claim wants {want}: {'PASS' if c['passed'] else 'FAIL'})"
+    return f"{md.fmt(c['value'], 4)} (claim wants {want}: {claim_verdict(c)})"
 
 
 def _gauss_newton_sentences(

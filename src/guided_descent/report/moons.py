@@ -23,8 +23,11 @@ from guided_descent.experiments.moons import (
 from guided_descent.experiments.records import (
     CONFIG,
     ENV,
+    FAIL,
     REPORT,
     SUMMARY,
+    UNDECIDED,
+    claim_verdict,
     read_json,
     read_metrics,
     write_atomic,
@@ -365,10 +368,12 @@ def discussion(
     cmp = res["lecture"]
     out = []
 
-    failed = [c["name"] for c in claims if not c["passed"]]
+    failed = [c["name"] for c in claims if claim_verdict(c) == FAIL]
+    open_ = [c["name"] for c in claims if claim_verdict(c) == UNDECIDED]
     out.append(
         f"{md.claims_line(claims)}"
         + (f" Failing: {', '.join(failed)}." if failed else "")
+        + (f" Undecided: {', '.join(open_)}." if open_ else "")
     )
 
     # Lazy training.
