@@ -101,7 +101,8 @@ def _check_run(run_dir: Path) -> list[dict]:
     claims = json.loads((run_dir / "summary.json").read_text())["claims"]
     assert claims
     for claim in claims:
-        assert {"name", "statement", "value", "threshold", "passed"} <= set(claim)
+        assert {"name", "statement", "value", "threshold", "verdict", "reason",
+                "passed"} <= set(claim)
     report = (run_dir / "report.md").read_text()
     for png in run_dir.glob("*.png"):
         assert f"./{png.name}" in report, f"{png.name} not shown in the report"
