@@ -8,7 +8,9 @@
     guided-descent bench train TASK [--optimizers a,b] [--peers] [--seeds N] [--budget-steps N]
                                [--budget-minutes M] [--lr-sweep] [--device D] [--quick] [--out DIR]
                                [--nproc N]
-    guided-descent report RUN_DIR
+    guided-descent bench suite [--quick] [--workloads a,b] [--tracks defaults,tuned] [--seeds N]
+                               [--sweep-factors x,y] [--peers] [--out DIR]
+    guided-descent report RUN_DIR [--docs DIR]
 
 ``--nproc N`` relaunches the command on N processes through ``torchrun`` (experiments that split
 their work across processes only: a one-process experiment refuses it rather than run N copies).
@@ -161,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="re-render a run's tables and figures from its files (no training)"
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a bench suite run only: also write DIR/leaderboard.md (figure in DIR/figures/) and "
+        "fill the suite's marked regions of DIR/recipes.md and DIR/../README.md",
+    )
     _add_quiet(report)
     return parser
 
@@ -393,8 +403,17 @@ def _print_claims(path: Path) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from guided_descent.experiments.records import CONFIG, read_json
     from guided_descent.report import render
 
+    if args.docs is not None:
+        config = args.run_dir / CONFIG
+        if not config.is_file() or read_json(config).get("experiment") != "bench_suite":
+            raise UsageError(f"--docs needs a bench suite run directory; {args.run_dir} is not one")
+        from guided_descent.report.bench_suite import publish
+
+        print(publish(args.run_dir, args.docs))
+        return 0
     print(render(args.run_dir))
     return 0
 

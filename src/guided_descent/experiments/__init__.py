@@ -80,6 +80,11 @@ BENCHMARKS: dict[str, ExperimentInfo] = {
         "guided_descent.experiments.bench_train",
         "train a task's model to a target: steps, seconds and memory per optimizer vs AdamW",
     ),
+    "suite": ExperimentInfo(
+        "bench_suite",
+        "guided_descent.experiments.bench_suite",
+        "every CPU workload on both tracks (defaults, tuned): one leaderboard vs AdamW",
+    ),
 }
 
 
