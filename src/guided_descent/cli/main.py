@@ -191,11 +191,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(name: str, args: argparse.Namespace) -> Any:
+def _config(name: str, args: argparse.Namespace, preset: str = "default") -> Any:
     from guided_descent.experiments import get_experiment
 
     config_cls = get_experiment(name).load().Config
-    base = config_cls.quick() if getattr(args, "quick", False) else config_cls()
+    if preset != "default":
+        base = getattr(config_cls, preset)()
+    else:
+        base = config_cls.quick() if getattr(args, "quick", False) else config_cls()
     names = {f for f in base.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     positional = getattr(args, "task_positional", None)
@@ -221,7 +224,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _check_processes(args, [], "--resume")
         return _resume(args, progress)
     _check_processes(args, names, name or "the flagship run")
-    configs = {n: _config(n, args) for n in names}  # validate everything before any work
+    # Validate everything before any work; the flagship's sub-runs take their presets.
+    configs = {n: _config(n, args, "default" if name else FLAGSHIP[n]) for n in names}
     if name and getattr(args, "nproc", 1) > 1:
         return _launch(args, default_run_dir(name))
     if name and _launched_rank() > 0:

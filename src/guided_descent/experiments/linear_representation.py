@@ -271,6 +271,25 @@ class Config(ExperimentConfig):
             transfer_draws=4,
         )
 
+    @classmethod
+    def flagship(cls) -> Self:
+        """The flagship's "when AdamW is not enough" comparison, seconds on 2 cores: the paper's
+        hard cell (κ_x = 100, κ_F = 10) beside the isotropic one (κ_x = 1), the protocol's 5
+        seeds, 200 steps; SGD and Adam each at the best of three learning rates, the paper's
+        layer-wise rule, and the library's K-FAC (which carries the same factors) at the better
+        of two."""
+        return cls(
+            optimizers=("sgd", "adam", "layerwise", "kfac"),
+            seeds=5,
+            steps=200,
+            kappa_x=(1.0, 100.0),
+            kappa_f=(10.0,),
+            sgd_lrs=(0.1, 0.316, 1.0),
+            adam_lrs=(0.01, 0.0316, 0.1),
+            kfac_lrs=(0.316, 1.0),
+            transfer_draws=4,
+        )
+
     def grid(self, method: str) -> tuple[float | None, ...]:
         """The hyper-parameter values ``method`` runs (``(None,)`` for the untuned rules)."""
         name = GRID_FIELD.get(method)
