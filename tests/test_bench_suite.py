@@ -77,7 +77,10 @@ def test_config_validates_up_front():
         Config(workloads=("charlm",), optimizers=("natural_gradient",))
 
 
+@pytest.mark.slow
 def test_quick_suite_end_to_end_resumes_and_publishes(tmp_path, capsys):
+    """Two workloads' CI variants on both tracks (10-20 s on one thread), then an interruption
+    and resume, then publishing into docs."""
     out = tmp_path / "suite"
     flags = ["bench", "suite", "--quick", "--quiet", "--threads", "1",
              "--workloads", "digits-mlp,kron-quadratic", "--out", str(out)]
@@ -124,7 +127,15 @@ def test_quick_suite_end_to_end_resumes_and_publishes(tmp_path, capsys):
     assert main(["report", str(out), "--docs", str(docs)]) == 0
     assert capsys.readouterr().out.strip() == str(docs / "leaderboard.md")
     text = (docs / "leaderboard.md").read_text()
+    assert text.startswith("# Leaderboard")  # a new page: the whole leaderboard
     assert "](figures/leaderboard.png)" in text and "`defaults/digits-mlp/report.md`" in text
+    # A page with a leaderboard region keeps its written parts; the region gets the board.
+    (docs / "leaderboard.md").write_text(
+        "# Mine\nwritten\n<!-- suite:leaderboard -->\nPending\n<!-- /suite:leaderboard -->\n")
+    assert main(["report", str(out), "--docs", str(docs)]) == 0
+    text = (docs / "leaderboard.md").read_text()
+    assert text.startswith("# Mine\nwritten\n") and "Pending" not in text
+    assert "## Leaderboard: time to target" in text and "### Defaults track" in text
     assert (docs / "figures" / "leaderboard.png").is_file()
     recipes = (docs / "recipes.md").read_text()
     assert "old" not in recipes and "digits-mlp" in recipes and recipes.endswith("end\n")

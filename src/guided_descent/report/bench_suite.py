@@ -165,7 +165,15 @@ def leaderboard_markdown(run_dir: Path, figure: str, links: bool = True) -> str:
             if claims:
                 lines += ["Claims of this run, re-derived from its files:", "",
                           claims_table(claims), ""]
+    from guided_descent.experiments.bench_suite import BUDGET
+
     lines += ["## Verdicts across workloads", "", claims_table(summary["claims"]), "",
+              "## Budget", "",
+              f"This suite took {_duration(res.get('wall_seconds', 0))} of wall-clock time "
+              f"({res.get('reused_runs', 0)} runs of the tuned track taken from the defaults "
+              "track). The stated budgets on 2 CPU cores: about "
+              f"{BUDGET['quick']} minute(s) for `--quick`, about {BUDGET['full']} minutes for "
+              "the full suite (the arithmetic: docs/leaderboard.md, \"Budget\").", "",
               "## Configuration", "", "```",
               *(f"{k} = {v}" for k, v in config.items()), "```", ""]
     return "\n".join(lines)
@@ -277,11 +285,18 @@ def _region_text(region: str, summary: dict[str, Any], link: str) -> str:
             "multiplier).\n\n" + table(("track", "workload", "fastest three"), rows))
 
 
-def fill_regions(text: str, summary: dict[str, Any], link: str) -> str:
-    """Replace the body of every ``<!-- suite:NAME -->`` ... ``<!-- /suite:NAME -->`` region."""
+def fill_regions(text: str, summary: dict[str, Any], link: str,
+                 given: dict[str, str] | None = None) -> str:
+    """Replace the body of every ``<!-- suite:NAME -->`` ... ``<!-- /suite:NAME -->`` region
+    (``given`` supplies the text of regions drawn elsewhere, e.g. the whole leaderboard)."""
+    given = given or {}
+
     def replace(m: re.Match[str]) -> str:
         name = m.group(1)
-        body = _region_text(name, summary, link) if name in REGIONS else m.group(2)
+        if name in given:
+            body = given[name]
+        else:
+            body = _region_text(name, summary, link) if name in REGIONS else m.group(2)
         return f"<!-- suite:{name} -->\n{body}\n<!-- /suite:{name} -->"
 
     return re.sub(r"<!-- suite:([a-z-]+) -->\n(.*?)\n?<!-- /suite:\1 -->", replace, text,
@@ -296,8 +311,18 @@ def publish(run_dir: Path, docs: Path) -> Path:
     (docs / "figures").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / FIGURE, docs / "figures" / FIGURE)
     out = docs / LEADERBOARD
-    write_atomic(out, leaderboard_markdown(run_dir, f"figures/{FIGURE}", links=False))
+    board = leaderboard_markdown(run_dir, f"figures/{FIGURE}", links=False)
     summary = read_json(run_dir / SUMMARY)
+    marker = "<!-- suite:leaderboard -->"
+    if out.is_file() and marker in out.read_text():
+        # The page keeps its written sections; the measured leaderboard goes in its region,
+        # headings one level down.
+        body = "\n".join("#" + line if line.startswith("#") else line
+                         for line in board.splitlines())
+        write_atomic(out, fill_regions(out.read_text(), summary, LEADERBOARD,
+                                       {"leaderboard": body}))
+    else:
+        write_atomic(out, board)
     for target, link in ((docs / "recipes.md", LEADERBOARD),
                          (docs.parent / "README.md", f"{docs.name}/{LEADERBOARD}")):
         if target.is_file():
