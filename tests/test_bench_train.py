@@ -367,3 +367,25 @@ def test_an_interrupted_bench_train_resumes_from_its_finished_runs(tmp_path):
         after = again["results"]["optimizers"][name]
         assert after["final_metric"] == before["final_metric"]
         assert after["target"]["steps"] == before["target"]["steps"]
+
+
+def test_report_rerenders_a_run_written_before_verdicts(tmp_path):
+    """Old run directories hold claims with `passed` only, and rows without the per-seed reach,
+    the lost counts or extra targets: `guided-descent report` still renders them."""
+    from guided_descent.report import render
+
+    _bench(tmp_path, "old", "digits-mlp", "--seeds", "1")
+    path = tmp_path / "old" / "summary.json"
+    summary = json.loads(path.read_text())
+    for claim in summary["claims"]:
+        del claim["verdict"], claim["reason"]
+    res = summary["results"]
+    res.pop("extra_targets")
+    for row in res["optimizers"].values():
+        row.pop("extra_targets")
+        for key in ("target", "adamw_target"):
+            row[key].pop("reached_per_seed")
+            row[key].pop("lost")
+    path.write_text(json.dumps(summary))
+    text = render(tmp_path / "old").read_text()
+    assert "**PASS** | all-finite" in text and "**UNDECIDED**" not in text
