@@ -283,3 +283,17 @@ def test_peer_claims_skip_other_algorithms_and_missing_counterparts():
     table["pto-psgd"] = table.pop("pto-muon")
     assert peer_claims(DIGITS, table) == []
     assert not peer_lib.PEERS["pto-psgd"].same_algorithm
+
+
+def test_the_sweep_reads_the_end_of_each_schedule():
+    """Finding 8: the tuned track keeps the multiplier whose run ended with the lowest
+    validation loss, not the one whose curve dipped lowest on the way."""
+    from guided_descent.experiments.bench.sweep import sweep_score
+
+    # test_loss = 1 - value in these records: the first dips to 0.05 and ends at 0.4, the second
+    # never goes below 0.2 and ends there.
+    dipped = run("adamw", 0, None, values=[0.5] + [0.95] * 9 + [0.6])
+    steady = run("adamw", 0, None, values=[0.5] + [0.7] * 9 + [0.8])
+    assert min(c[3] for c in dipped["curve"]) < min(c[3] for c in steady["curve"])
+    tried = {3.16: dipped, 1.0: steady}
+    assert min(tried, key=lambda f: sweep_score(tried[f], "test_loss", f)) == 1.0

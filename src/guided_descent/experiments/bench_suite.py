@@ -12,8 +12,8 @@ leaderboard (:mod:`guided_descent.experiments.bench.leaderboard`) and its verdic
   EMA and clock are those of ``bench train`` for everyone.
 * **Resumable** per (workload, optimizer, seed, learning-rate factor): every sub-run is recorded
   before any starts, and ``guided-descent run --resume SUITE`` finishes what is missing without
-  training a finished run twice. The tuned track starts from the defaults track's runs at factor 1 (the
-  same computation), so those are not trained twice either.
+  training a finished run twice. The tuned track starts from the defaults track's runs at
+  factor 1 (the same computation), so those are not trained twice either.
 * **Budget** on 2 CPU cores, estimated from measured per-workload times (docs/leaderboard.md
   gives the arithmetic): ``--quick`` (the CI-sized variant of every workload, 3 seeds,
   multipliers 0.316/1/3.16, AdamW's final loss as the target) about a minute (measured: 36 s on

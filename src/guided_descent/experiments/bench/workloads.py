@@ -42,9 +42,10 @@ class Problem:
 
 @dataclass(frozen=True)
 class Ranking:
-    """An expected ordering: every optimizer of ``tiers[i]`` ``op`` every one of ``tiers[i+1]``,
-    compared on the median over seeds of ``quantity`` (``steps``: steps to target, a miss
-    counting as budget + 1; ``opt_step_ms``: optimizer step time)."""
+    """An expected ordering: every optimizer of ``tiers[i]`` ``op`` every one of ``tiers[i+1]``
+    in ``quantity`` (``steps``: steps to target, a miss counting as budget + 1; ``opt_step_ms``:
+    optimizer step time), judged per pair by the paired seed test of
+    :func:`guided_descent.experiments.bench.claims.compare`."""
 
     quantity: str
     tiers: tuple[tuple[str, ...], ...]
