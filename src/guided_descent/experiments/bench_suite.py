@@ -130,10 +130,15 @@ def _copy_factor_one(defaults: RunDir, tuned: RunDir) -> int:
             if r.get("event") == "run" and r.get("lr_factor") == 1.0}
     have = {(r["optimizer"], r["seed"], r["lr_factor"]) for r in read_metrics(tuned.path)
             if r.get("event") == "run"}
-    wanted = [r for r in records if r.get("lr_factor") == 1.0
-              and (r.get("optimizer"), r.get("seed")) in done
-              and (r.get("optimizer"), r.get("seed"), 1.0) not in have]
+    units = {(o, s, 1.0) for o, s in done} - have
+
+    def unit(r: dict[str, Any]) -> tuple:
+        return (r.get("optimizer"), r.get("seed"), r.get("lr_factor"))
+
+    wanted = [r for r in records if unit(r) in units]
     if wanted:
+        # A unit the tuned run had started itself and not finished: its partial records go.
+        tuned.keep_metrics(lambda r: unit(r) not in units)
         with tuned.metrics() as metrics:
             for r in wanted:
                 metrics.write(**r)
