@@ -11,7 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from guided_descent.experiments.records import ENV, SUMMARY, read_json
+from guided_descent.experiments.records import (
+    ENV,
+    SUMMARY,
+    claim_reason,
+    claim_verdict,
+    read_json,
+)
 from guided_descent.report.bench_train import compact_table
 from guided_descent.report.markdown import fmt
 
@@ -34,9 +40,10 @@ def block(run_dir: Path) -> str:
         "",
     ]
     for claim in summary["claims"]:
-        verdict = "PASS" if claim["passed"] else "FAIL"
-        lines.append(f"- **{verdict}** `{claim['name']}`: value {fmt(claim['value'], 3)} "
-                     f"(needs {claim['op']} {fmt(claim['threshold'])})")
+        why = claim_reason(claim)
+        lines.append(f"- **{claim_verdict(claim)}** `{claim['name']}`: value "
+                     f"{fmt(claim['value'], 3)} (needs {claim['op']} {fmt(claim['threshold'])})"
+                     + (f" — {why}" if why else ""))
     for note in res.get("ranking_notes", []):
         lines.append(f"- not evaluated: {note}")
     for name, reason in (res.get("skipped") or {}).items():

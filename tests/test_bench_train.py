@@ -14,11 +14,9 @@ from guided_descent.experiments import peers as peer_lib
 from guided_descent.experiments.bench_train import (
     WORKLOADS,
     Config,
-    _stats,
     build_optimizer,
     clears_spread,
     make_schedule,
-    peer_claims,
     run_one,
     time_to_target,
 )
@@ -170,7 +168,7 @@ def test_task_given_twice_is_a_usage_error(tmp_path, capsys):
 def test_time_to_target_and_misses():
     curve = [(0, 0.0, 0.1, 2.0), (10, 1.0, 0.5, 1.0), (20, 2.5, 0.8, 0.5)]
     hit = time_to_target(curve, 0.75, True, 0, budget=20, samples_per_step=4)
-    assert hit == {"steps": 20, "samples": 80, "seconds": 2.5, "reached": True}
+    assert hit == {"steps": 20, "samples": 80, "seconds": 2.5, "reached": True, "lost": False}
     assert time_to_target(curve, 1.0, False, 1, 20, 4)["steps"] == 10
     miss = time_to_target(curve, 0.9, True, 0, 20, 4)
     assert miss["steps"] == 21 and miss["seconds"] is None and not miss["reached"]
@@ -309,37 +307,8 @@ def _step_peer(name: str) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_peer_claims_compare_like_with_like():
-    def row(step_ms, scores):
-        ms = [step_ms] * len(scores) if isinstance(step_ms, float) else step_ms
-        return {"opt_step_ms": _stats(ms), "final_metric": _stats(scores)}
-
-    table = {
-        "adamw": row(1.0, [0.9, 0.9, 0.9]),
-        "muon": row(2.0, [0.95, 0.96, 0.97]),
-        "pto-muon": row(4.0, [0.97, 0.98, 0.98]),  # slower; its worst seed beats our median
-        "torch-muon": row(1.0, [0.7, math.nan, 0.8]),  # faster; diverged in one seed
-        "pto-psgd": row(0.5, [0.99, 0.99, 0.99]),  # another algorithm: no claim
-    }
-    config = Config(task="digits-mlp")  # test accuracy: larger is better
-    got = {c.name: (c.value, c.passed) for c in peer_claims(config, table)}
-    assert set(got) == {"peer-speed: muon vs pto-muon", "peer-quality: muon vs pto-muon",
-                        "peer-speed: muon vs torch-muon", "peer-quality: muon vs torch-muon"}
-    assert got["peer-speed: muon vs pto-muon"] == (0.5, True)
-    assert got["peer-quality: muon vs pto-muon"] == (pytest.approx(0.97 / 0.96), False)
-    assert got["peer-speed: muon vs torch-muon"] == (2.0, False)
-    assert got["peer-quality: muon vs torch-muon"] == (0.0, True)
-    # Faster by the medians but not in every seed: a near-tie does not count.
-    tie = {"muon": row([1.0, 1.0, 1.2], [0.9] * 3), "pto-muon": row([1.1, 1.1, 1.1], [0.9] * 3)}
-    speed = {c.name: c for c in peer_claims(config, tie)}["peer-speed: muon vs pto-muon"]
-    assert speed.value == pytest.approx(1.2 / 1.1) and not speed.passed
-    # A loss-valued metric (smaller is better): ours 0.5 against their worst 0.4 fails.
-    losses = {"muon": row(1.0, [0.5, 0.5]), "pto-muon": row(1.0, [0.3, 0.4])}
-    claims = {c.name: c for c in peer_claims(Config(task="kron-quadratic"), losses)}
-    assert claims["peer-quality: muon vs pto-muon"].value == pytest.approx(1.25)
-    assert not claims["peer-quality: muon vs pto-muon"].passed
-    # Our counterpart not run: nothing to compare.
-    assert peer_claims(config, {"adamw": table["adamw"], "pto-muon": table["pto-muon"]}) == []
+# The peer claims (median against median, the paired seed test) are tested on hand-made
+# tables in test_bench_claims.py.
 
 
 def test_hyper_overrides_reach_the_optimizer_and_the_record(tmp_path):
@@ -353,3 +322,70 @@ def test_hyper_overrides_reach_the_optimizer_and_the_record(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     opt = build_optimizer("muon", model, config).optimizer
     assert {g.get("ns_dtype") for g in opt.param_groups} >= {torch.bfloat16}
+
+
+def test_tuned_track_gives_peers_the_same_multipliers(tmp_path, monkeypatch):
+    """Finding 5: on the tuned track another library's optimizer gets the same learning-rate
+    multipliers as ours (all its param groups scaled together)."""
+    fake = peer_lib.Peer("fake-peer", "torch", "torch.optim.SGD", "adamw",
+                         lambda hidden: torch.optim.SGD(hidden, lr=0.01))
+    monkeypatch.setitem(peer_lib.PEERS, "fake-peer", fake)
+    summary = _bench(tmp_path, "tuned", "--task", "kron-quadratic", "--optimizers", "fake-peer",
+                     "--seeds", "1", "--lr-sweep", "--sweep-factors", "0.5,1,2")
+    res = summary["results"]
+    assert set(res["sweep"]["fake-peer"]) == set(res["sweep"]["adamw"]) == {"0.5", "1", "2"}
+    first_lr = {r["lr_factor"]: r["lr"] for r in read_metrics(tmp_path / "tuned")
+                if r.get("event") == "eval" and r["optimizer"] == "fake-peer" and r["step"] == 0}
+    assert set(first_lr) == {0.5, 1.0, 2.0}
+    for factor in (0.5, 2.0):
+        assert first_lr[factor] == pytest.approx([factor * v for v in first_lr[1.0]])
+
+
+def test_an_interrupted_bench_train_resumes_from_its_finished_runs(tmp_path):
+    from guided_descent.experiments import resume
+    from guided_descent.experiments.progress import Progress
+    from guided_descent.experiments.records import RunDir
+
+    summary = _bench(tmp_path, "whole", "digits-mlp")
+    out = tmp_path / "whole"
+    rows = read_metrics(out)
+    # Cut the run off inside (muon, seed 1): its run record and its last evaluations are gone.
+    cut = next(i for i, r in enumerate(rows) if r.get("event") == "eval"
+               and r["optimizer"] == "muon" and r["seed"] == 1 and r["step"] > 0)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:cut + 1]))
+    (out / "summary.json").unlink()
+    resume(RunDir.open(out), Progress(enabled=False))
+    again = json.loads((out / "summary.json").read_text())
+    runs = [r for r in read_metrics(out) if r.get("event") == "run"]
+    assert sorted((r["optimizer"], r["seed"]) for r in runs) == [
+        ("adamw", 0), ("adamw", 1), ("muon", 0), ("muon", 1)]  # nothing trained twice
+    muon1 = [r for r in read_metrics(out) if r.get("event") == "eval"
+             and r["optimizer"] == "muon" and r["seed"] == 1]
+    assert [r["step"] for r in muon1] == sorted({r["step"] for r in muon1})  # no duplicates
+    for name in ("adamw", "muon"):
+        before = summary["results"]["optimizers"][name]
+        after = again["results"]["optimizers"][name]
+        assert after["final_metric"] == before["final_metric"]
+        assert after["target"]["steps"] == before["target"]["steps"]
+
+
+def test_report_rerenders_a_run_written_before_verdicts(tmp_path):
+    """Old run directories hold claims with `passed` only, and rows without the per-seed reach,
+    the lost counts or extra targets: `guided-descent report` still renders them."""
+    from guided_descent.report import render
+
+    _bench(tmp_path, "old", "digits-mlp", "--seeds", "1")
+    path = tmp_path / "old" / "summary.json"
+    summary = json.loads(path.read_text())
+    for claim in summary["claims"]:
+        del claim["verdict"], claim["reason"]
+    res = summary["results"]
+    res.pop("extra_targets")
+    for row in res["optimizers"].values():
+        row.pop("extra_targets")
+        for key in ("target", "adamw_target"):
+            row[key].pop("reached_per_seed")
+            row[key].pop("lost")
+    path.write_text(json.dumps(summary))
+    text = render(tmp_path / "old").read_text()
+    assert "**PASS** | all-finite" in text and "**UNDECIDED**" not in text

@@ -364,13 +364,15 @@ def test_quick_run_coordinate_check_and_transfer_claims(quick_run):
     summary = json.loads((quick_run / "summary.json").read_text())
     claims = {c["name"]: c for c in summary["claims"]}
     # Checked on this machine: μP spreads ~1.2-1.3 (bound 2), SP growth 7-13x (bound 2); the
-    # best Adam learning rate moves 0 grid steps under μP and 3 under SP (bounds 1).
+    # best Adam learning rate moves 0 grid steps under μP and 3 under SP (bounds 1). The quick
+    # run has one seed, too few to decide a claim (BENCHMARKS.md rule 7): every verdict is
+    # UNDECIDED and says so, while the values still show the effect.
+    assert all(c["verdict"] == "UNDECIDED" and "1 seed" in c["reason"] for c in claims.values())
     for name in ("mlp_adam", "mlp_muon"):
-        assert claims[f"coord_mup_flat_{name}"]["passed"], claims[f"coord_mup_flat_{name}"]
         assert claims[f"coord_mup_flat_{name}"]["value"] < 1.6
         assert claims[f"coord_sp_grows_{name}"]["value"] > 4
     assert claims["coord_sp_grows_gpt_adam"]["value"] > 4
-    assert claims["transfer_mup_adam"]["passed"] and claims["transfer_sp_adam"]["passed"]
+    assert claims["transfer_mup_adam"]["value"] <= 1 < claims["transfer_sp_adam"]["value"]
     coord = summary["results"]["coord"]["mlp/adam"]
     assert coord["mup"]["worst_spread"] < coord["sp"]["worst_spread"]
     rows = [json.loads(line) for line in (quick_run / "metrics.jsonl").read_text().splitlines()]

@@ -8,7 +8,9 @@
     guided-descent bench train TASK [--optimizers a,b] [--peers] [--seeds N] [--budget-steps N]
                                [--budget-minutes M] [--lr-sweep] [--device D] [--quick] [--out DIR]
                                [--nproc N]
-    guided-descent report RUN_DIR
+    guided-descent bench suite [--quick] [--workloads a,b] [--tracks defaults,tuned] [--seeds N]
+                               [--sweep-factors x,y] [--peers] [--out DIR]
+    guided-descent report RUN_DIR [--docs DIR]
 
 ``--nproc N`` relaunches the command on N processes through ``torchrun`` (experiments that split
 their work across processes only: a one-process experiment refuses it rather than run N copies).
@@ -161,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="re-render a run's tables and figures from its files (no training)"
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a bench suite run only: also write DIR/leaderboard.md (figure in DIR/figures/) and "
+        "fill the suite's marked regions of DIR/recipes.md and DIR/../README.md",
+    )
     _add_quiet(report)
     return parser
 
@@ -181,11 +191,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(name: str, args: argparse.Namespace) -> Any:
+def _config(name: str, args: argparse.Namespace, preset: str = "default") -> Any:
     from guided_descent.experiments import get_experiment
 
     config_cls = get_experiment(name).load().Config
-    base = config_cls.quick() if getattr(args, "quick", False) else config_cls()
+    if preset != "default":
+        base = getattr(config_cls, preset)()
+    else:
+        base = config_cls.quick() if getattr(args, "quick", False) else config_cls()
     names = {f for f in base.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     positional = getattr(args, "task_positional", None)
@@ -211,7 +224,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _check_processes(args, [], "--resume")
         return _resume(args, progress)
     _check_processes(args, names, name or "the flagship run")
-    configs = {n: _config(n, args) for n in names}  # validate everything before any work
+    # Validate everything before any work; the flagship's sub-runs take their presets.
+    configs = {n: _config(n, args, "default" if name else FLAGSHIP[n]) for n in names}
     if name and getattr(args, "nproc", 1) > 1:
         return _launch(args, default_run_dir(name))
     if name and _launched_rank() > 0:
@@ -382,18 +396,28 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _print_claims(path: Path) -> None:
-    from guided_descent.experiments.records import SUMMARY, read_json
+    from guided_descent.experiments.records import SUMMARY, claim_reason, claim_verdict, read_json
     from guided_descent.report import is_run, sub_runs
 
     for run_dir in [path] if is_run(path) else sub_runs(path):
         for claim in read_json(run_dir / SUMMARY)["claims"]:
-            mark = "PASS" if claim["passed"] else "FAIL"
-            print(f"  {mark}  {run_dir.name}: {claim['name']} = {claim['value']}", file=sys.stderr)
+            why = claim_reason(claim)
+            print(f"  {claim_verdict(claim):<9}  {run_dir.name}: {claim['name']} = "
+                  f"{claim['value']}" + (f" ({why})" if why else ""), file=sys.stderr)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from guided_descent.experiments.records import CONFIG, read_json
     from guided_descent.report import render
 
+    if args.docs is not None:
+        config = args.run_dir / CONFIG
+        if not config.is_file() or read_json(config).get("experiment") != "bench_suite":
+            raise UsageError(f"--docs needs a bench suite run directory; {args.run_dir} is not one")
+        from guided_descent.report.bench_suite import publish
+
+        print(publish(args.run_dir, args.docs))
+        return 0
     print(render(args.run_dir))
     return 0
 

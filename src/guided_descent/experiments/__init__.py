@@ -65,8 +65,15 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
     )
 }
 
-# What `guided-descent run` runs when no experiment is named.
-FLAGSHIP: tuple[str, ...] = ("moons", "quadratic")
+# What `guided-descent run` runs when no experiment is named, and with which configuration:
+# "default" is the experiment's own (its quick one under --quick); another name is a preset
+# classmethod of its Config, used with and without --quick. The lecture's two experiments,
+# then the paper's "when AdamW is not enough" comparison at a size that takes seconds.
+FLAGSHIP: dict[str, str] = {
+    "moons": "default",
+    "quadratic": "default",
+    "linear-representation": "flagship",
+}
 
 # `guided-descent bench KIND`: measurements of the library itself, recorded like experiments.
 BENCHMARKS: dict[str, ExperimentInfo] = {
@@ -79,6 +86,11 @@ BENCHMARKS: dict[str, ExperimentInfo] = {
         "bench_train",
         "guided_descent.experiments.bench_train",
         "train a task's model to a target: steps, seconds and memory per optimizer vs AdamW",
+    ),
+    "suite": ExperimentInfo(
+        "bench_suite",
+        "guided_descent.experiments.bench_suite",
+        "every CPU workload on both tracks (defaults, tuned): one leaderboard vs AdamW",
     ),
 }
 

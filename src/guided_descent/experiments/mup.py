@@ -42,8 +42,9 @@ from torch import Tensor, nn
 import guided_descent
 from guided_descent import mup
 from guided_descent.experiments.config import ExperimentConfig, option
+from guided_descent.experiments.mup_claims import FLAT_BOUND, GROWTH_BOUND, MAX_MUP_SHIFT, claims
 from guided_descent.experiments.progress import Progress
-from guided_descent.experiments.records import Claim, MetricsWriter, RunDir
+from guided_descent.experiments.records import MetricsWriter, RunDir, require_seeds
 from guided_descent.experiments.training import train
 from guided_descent.optimizers import get_spec
 from guided_descent.tasks.gpt import GPT, GPTConfig
@@ -51,14 +52,6 @@ from guided_descent.tasks.gpt import GPT, GPTConfig
 PARAMETRIZATIONS: tuple[str, ...] = ("sp", "mup")
 LABELS: dict[str, str] = {"sp": "SP", "mup": "μP"}
 
-# Thresholds of the claims, fixed before any run. EXPERIMENTS.md section 5: under μP each layer's
-# activation scale varies < 2x across widths, and the best learning rate moves by at most one
-# grid step (2x) from the smallest to the largest width, "and by more under SP". That SP *grows*
-# is checked as the mirror of the μP bound (ours): some layer is >= 2x larger at the widest
-# width than at the narrowest.
-FLAT_BOUND = 2.0
-GROWTH_BOUND = 2.0
-MAX_MUP_SHIFT = 1.0  # in grid steps of 2x, i.e. log2 units
 
 # The GPT of the coordinate check (ours): small enough for a CPU, wide enough to show the trend.
 GPT_HEAD_DIM = 16
@@ -559,80 +552,14 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
         "timings": timings,
         "wall_seconds": wall,
     }
-    run.write_summary(results, claims(coord, transfer, widths[0], widths[-1]))
-
-
-def _label(model_optimizer: str) -> str:
-    model_name, optimizer = model_optimizer.split("/")
-    return f"{model_name.upper()} + {optimizer}"
-
-
-def claims(
-    coord: dict[str, dict[str, Any]], transfer: dict[str, dict[str, Any]], narrow: int, wide: int
-) -> list[Claim]:
-    """The claims of section 5, computed from the coordinate checks and the sweeps."""
-    out = []
-    for label, by_param in coord.items():
-        slug = label.replace("/", "_")
-        out.append(
-            Claim(
-                name=f"coord_mup_flat_{slug}",
-                statement=(
-                    f"{_label(label)}, μP: every layer's mean |activation| (late coordinate-check "
-                    f"steps, mean over seeds) varies less than {FLAT_BOUND:g}x across widths "
-                    f"{narrow}..{wide} (value: the largest max/min ratio over layers, at "
-                    f"{by_param['mup']['worst_spread_layer']})"
-                ),
-                value=by_param["mup"]["worst_spread"],
-                op="<",
-                threshold=FLAT_BOUND,
-            )
-        )
-        out.append(
-            Claim(
-                name=f"coord_sp_grows_{slug}",
-                statement=(
-                    f"{_label(label)}, SP: some layer's mean |activation| (late coordinate-check "
-                    f"steps, mean over seeds) is at least {GROWTH_BOUND:g}x larger at width {wide} "
-                    f"than at width {narrow} (value: the largest ratio, at "
-                    f"{by_param['sp']['max_growth_layer']})"
-                ),
-                value=by_param["sp"]["max_growth"],
-                op=">=",
-                threshold=GROWTH_BOUND,
-            )
-        )
-    for name, by_param in transfer.items():
-        out.append(
-            Claim(
-                name=f"transfer_mup_{name}",
-                statement=(
-                    f"MLP + {name}, μP: the best learning rate moves by at most "
-                    f"{MAX_MUP_SHIFT:g} grid step (2x) from width {narrow} to width {wide} "
-                    "(value: |log2 of the ratio of the best learning rates|)"
-                ),
-                value=float(by_param["mup"]["abs_shift"]),
-                op="<=",
-                threshold=MAX_MUP_SHIFT,
-            )
-        )
-        out.append(
-            Claim(
-                name=f"transfer_sp_{name}",
-                statement=(
-                    f"MLP + {name}, SP: the best learning rate moves by more than "
-                    f"{MAX_MUP_SHIFT:g} grid step from width {narrow} to width {wide} (value: "
-                    "|log2 of the ratio of the best learning rates|)"
-                ),
-                value=float(by_param["sp"]["abs_shift"]),
-                op=">",
-                threshold=MAX_MUP_SHIFT,
-            )
-        )
-    return out
+    verdicts = claims(coord, transfer, widths[0], widths[-1])
+    run.write_summary(results, require_seeds(verdicts, config.seeds))
 
 
 __all__ = [
+    "FLAT_BOUND",
+    "GROWTH_BOUND",
+    "MAX_MUP_SHIFT",
     "Config",
     "Digits",
     "build",

@@ -45,7 +45,7 @@ from torch import Tensor
 import guided_descent
 from guided_descent.experiments.config import ExperimentConfig, option
 from guided_descent.experiments.progress import Progress
-from guided_descent.experiments.records import Claim, MetricsWriter, RunDir
+from guided_descent.experiments.records import Claim, MetricsWriter, Outcome, RunDir, require_seeds
 from guided_descent.optimizers import get_spec
 from guided_descent.tasks import quadratic as task
 
@@ -517,6 +517,18 @@ def _run_method(
     return out
 
 
+def _censored(method: dict[str, Any]) -> Outcome | None:
+    """A slope fit to iteration counts of runs that never reached the tolerance (each counted
+    as ``budget + 1``, a lower bound) is not a measurement: UNDECIDED."""
+    missed = method.get("unreached", 0)
+    if not missed:
+        return None
+    return Outcome.undecided(
+        f"{missed} run(s) did not reach the tolerance within the budget: the slope would be fit "
+        "to censored counts (raise --steps)"
+    )
+
+
 def claims(methods: dict[str, dict[str, Any]]) -> list[Claim]:
     """The protocol's claims for the methods that were run (a claim on a method not run is left
     out rather than failed)."""
@@ -532,6 +544,7 @@ def claims(methods: dict[str, dict[str, Any]]) -> list[Claim]:
                 value=methods["sgd"]["slope"],
                 op="within",
                 threshold=list(GD_SLOPE_RANGE),
+                outcome=_censored(methods["sgd"]),
             )
         )
     if "momentum" in methods:
@@ -545,6 +558,7 @@ def claims(methods: dict[str, dict[str, Any]]) -> list[Claim]:
                 value=methods["momentum"]["slope"],
                 op="within",
                 threshold=list(HEAVY_BALL_SLOPE_RANGE),
+                outcome=_censored(methods["momentum"]),
             )
         )
     if "newton" in methods:
@@ -587,4 +601,4 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
         "torch_threads": 1,
         "wall_seconds": time.perf_counter() - started,
     }
-    run.write_summary(results, claims(methods))
+    run.write_summary(results, require_seeds(claims(methods), config.seeds))

@@ -90,13 +90,47 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# The three verdicts a claim can reach (BENCHMARKS.md, "Measuring fairly" 7): a claim whose
+# evidence is missing -- nobody reached the target, a seed crashed or diverged, one seed only, a
+# NaN -- is UNDECIDED with its reason, never PASS.
+PASS, FAIL, UNDECIDED = "PASS", "FAIL", "UNDECIDED"
+VERDICTS = (PASS, FAIL, UNDECIDED)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A verdict reached by a test other than comparing one number with a threshold (e.g. the
+    paired seed test of a ranking), with the reason a reader can check against the tables."""
+
+    verdict: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        if not self.reason:
+            raise ValueError(f"a {self.verdict} outcome needs a reason")
+
+    @classmethod
+    def undecided(cls, reason: str) -> Outcome:
+        return cls(UNDECIDED, reason)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 @dataclass(frozen=True)
 class Claim:
-    """A statement checked against a number computed from the run.
+    """A statement checked against what the run measured: PASS, FAIL or UNDECIDED, with a reason.
 
-    ``passed`` is derived from ``value``, ``op`` and ``threshold``; it cannot be set by hand.
-    ``op`` is one of ``<=``, ``>=``, ``<``, ``>``, ``==``, ``within`` (``threshold`` a pair
-    ``[lo, hi]``, bounds included). A ``None`` or NaN value fails.
+    By default the verdict compares ``value`` with ``threshold`` through ``op`` (one of ``<=``,
+    ``>=``, ``<``, ``>``, ``==``, ``within`` -- ``threshold`` a pair ``[lo, hi]``, bounds
+    included); a ``None`` or NaN value is UNDECIDED (no number to judge). ``outcome``, when
+    given, is the verdict of a test the experiment ran on the per-seed data instead (a ranking's
+    paired test, or "the evidence is missing"); ``value``, ``op`` and ``threshold`` then describe
+    the claim. An outcome cannot PASS a claim whose value is missing. ``passed`` is
+    ``verdict == PASS``; none of these can be set by hand.
     """
 
     name: str
@@ -104,6 +138,7 @@ class Claim:
     value: float | None
     op: str
     threshold: float | Sequence[float]
+    outcome: Outcome | None = None
 
     OPS = ("<=", ">=", "<", ">", "==", "within")
 
@@ -114,13 +149,11 @@ class Claim:
             not isinstance(self.threshold, Sequence) or len(self.threshold) != 2
         ):
             raise ValueError(f"claim {self.name}: 'within' needs [lo, hi], got {self.threshold!r}")
+        if self.outcome is not None and self.outcome.verdict == PASS and _missing(self.value):
+            raise ValueError(f"claim {self.name}: cannot PASS without a value")
 
-    @property
-    def passed(self) -> bool:
-        v = self.value
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return False
-        t = self.threshold
+    def _holds(self) -> bool:
+        v, t = self.value, self.threshold
         match self.op:
             case "<=":
                 return v <= t
@@ -135,6 +168,35 @@ class Claim:
             case _:
                 return t[0] <= v <= t[1]
 
+    def _threshold_text(self) -> str:
+        t = self.threshold
+        return f"within [{t[0]:.4g}, {t[1]:.4g}]" if self.op == "within" else f"{self.op} {t:.4g}"
+
+    @property
+    def verdict(self) -> str:
+        if self.outcome is not None:
+            return self.outcome.verdict
+        if _missing(self.value):
+            return UNDECIDED
+        return PASS if self._holds() else FAIL
+
+    @property
+    def reason(self) -> str:
+        if self.outcome is not None:
+            return self.outcome.reason
+        if _missing(self.value):
+            return "no value to judge (a run diverged or did not produce this number)"
+        word = "holds" if self._holds() else "does not hold"
+        return f"value {self.value:.4g} {self._threshold_text()} {word}"
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == PASS
+
+    def undecided(self, reason: str) -> Claim:
+        """This claim with its verdict replaced by UNDECIDED for ``reason``."""
+        return dataclasses.replace(self, outcome=Outcome.undecided(reason))
+
     def to_dict(self) -> dict[str, Any]:
         threshold = list(self.threshold) if self.op == "within" else self.threshold
         return {
@@ -143,8 +205,37 @@ class Claim:
             "value": self.value,
             "op": self.op,
             "threshold": threshold,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            # Kept for readers of the first schema (``passed`` only): True exactly on PASS.
             "passed": self.passed,
         }
+
+
+def claim_verdict(claim: Mapping[str, Any]) -> str:
+    """The verdict of a claim as ``summary.json`` stores it; files written before verdicts had
+    three states hold only ``passed`` (True/False), read as PASS/FAIL."""
+    verdict = claim.get("verdict")
+    if verdict in VERDICTS:
+        return verdict
+    return PASS if claim.get("passed") else FAIL
+
+
+def claim_reason(claim: Mapping[str, Any]) -> str:
+    """The reason stored with a claim (empty for files of the first schema)."""
+    return str(claim.get("reason") or "")
+
+
+def require_seeds(claims: Sequence[Claim], seeds: int, minimum: int = 2,
+                  exempt: Sequence[str] = ()) -> list[Claim]:
+    """Every claim judged over seeds becomes UNDECIDED when the run had fewer than ``minimum``
+    seeds: one seed has no spread, so its verdict could be luck. ``exempt`` names claims that do
+    not depend on seeds (a deterministic identity)."""
+    if seeds >= minimum:
+        return list(claims)
+    why = (f"{seeds} seed(s): a claim over seeds needs at least {minimum} to see the spread "
+           "(BENCHMARKS.md rule 7)")
+    return [c if c.name in exempt else c.undecided(why) for c in claims]
 
 
 def git_commit(start: Path | None = None) -> str | None:

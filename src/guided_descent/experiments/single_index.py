@@ -70,7 +70,7 @@ from torch import Tensor
 
 from guided_descent.experiments.config import ExperimentConfig, option
 from guided_descent.experiments.progress import Progress
-from guided_descent.experiments.records import Claim, MetricsWriter, RunDir
+from guided_descent.experiments.records import Claim, MetricsWriter, RunDir, require_seeds
 from guided_descent.linalg import inverse_root
 from guided_descent.tasks import single_index as task
 
@@ -578,7 +578,7 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
         "ceiling": [_median(c) for c in results["ceiling"]],
     }
     results["wall_seconds"] = time.perf_counter() - started
-    run.write_summary(results, claims(results))
+    run.write_summary(results, require_seeds(claims(results), config.seeds))
 
 
 __all__ = ["LABELS", "METHODS", "STEPPED", "Config", "claims", "run"]

@@ -6,6 +6,15 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from guided_descent.experiments.records import (
+    FAIL,
+    PASS,
+    UNDECIDED,
+    VERDICTS,
+    claim_reason,
+    claim_verdict,
+)
+
 
 def fmt(x: Any, digits: int = 3) -> str:
     """A number for a table: ``digits`` significant digits, ``-`` for missing, ``inf`` spelled."""
@@ -44,24 +53,39 @@ def _threshold(claim: Mapping[str, Any]) -> str:
     return f"{claim['op']} {fmt(t)}"
 
 
+def verdict_cell(claim: Mapping[str, Any]) -> str:
+    """``**PASS**``, ``**FAIL**`` or ``**UNDECIDED**`` (old files: read from ``passed``)."""
+    return f"**{claim_verdict(claim)}**"
+
+
 def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
-    """The claims of ``summary.json`` as a table: result, name, statement, value, threshold."""
+    """The claims of ``summary.json`` as a table: verdict, name, statement, value, threshold and
+    the reason for the verdict (empty for files written before verdicts had reasons)."""
     rows = [
         (
-            "**PASS**" if c["passed"] else "**FAIL**",
+            verdict_cell(c),
             c["name"],
             c["statement"],
             fmt(c["value"], 4),
             _threshold(c),
+            claim_reason(c) or "-",
         )
         for c in claims
     ]
-    return table(("result", "claim", "statement", "value", "threshold"), rows)
+    return table(("verdict", "claim", "statement", "value", "threshold", "why"), rows)
 
 
 def claims_line(claims: Sequence[Mapping[str, Any]]) -> str:
-    passed = sum(bool(c["passed"]) for c in claims)
-    return f"{passed} of {len(claims)} claims pass."
+    """``3 of 5 claims pass, 1 fails, 1 undecided.``"""
+    counts = {v: 0 for v in VERDICTS}
+    for c in claims:
+        counts[claim_verdict(c)] += 1
+    text = f"{counts[PASS]} of {len(claims)} claims pass"
+    if counts[FAIL]:
+        text += f", {counts[FAIL]} fail{'s' if counts[FAIL] == 1 else ''}"
+    if counts[UNDECIDED]:
+        text += f", {counts[UNDECIDED]} undecided"
+    return text + "."
 
 
 def environment_line(env: Mapping[str, Any]) -> str:
