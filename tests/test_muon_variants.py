@@ -459,3 +459,25 @@ def test_invalid_options_raise_naming_the_value(hp, match):
         gd.create("muon", [nn.Parameter(torch.zeros(4, 4))], **hp)
     with pytest.raises(ValueError, match=match):
         Muon([{"params": [nn.Parameter(torch.zeros(4, 4))], **hp}])
+
+
+@pytest.mark.parametrize("hp, named", [(dict(variant="normuon"), "variant='normuon'"),
+                                       (dict(cautious=True), "cautious")])
+def test_fsdp2_sharded_matrices_refuse_the_variants_with_a_clear_error(tmp_path, hp, named):
+    # One rank is enough to make FSDP2 parameters DTensors; the error names what was chosen.
+    dist = pytest.importorskip("torch.distributed")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                              nn.Linear(8, 2))
+        fsdp.fully_shard(model)
+        opt = gd.create("muon", model, **hp)
+        model(torch.randn(3, 4)).sum().backward()
+        with pytest.raises(NotImplementedError, match=f"{named}.*FSDP2-sharded"):
+            opt.step()
+    finally:
+        dist.destroy_process_group()

@@ -255,16 +255,16 @@ class Muon(HybridOptimizer):
         if not params:
             return
         sharded = [shard_layout(p) is not None for p in params]
-        if any(sharded) and (
-            variant != "muon" or group["cautious"] or group["cautious_weight_decay"]
-        ):
-            raise NotImplementedError(
-                f"muon: variant={variant!r}, cautious={group['cautious']} and "
-                f"cautious_weight_decay={group['cautious_weight_decay']} are not available for "
-                "FSDP2-sharded (DTensor) parameters: their second moments and masks need the "
-                "whole matrix on every rank. Use variant='muon' without the cautious flags, or "
-                "DDP (replicated parameters), for these"
-            )
+        if any(sharded):
+            chosen = [f"variant={variant!r}"] if variant != "muon" else []
+            chosen += [k for k in ("cautious", "cautious_weight_decay") if group[k]]
+            if chosen:
+                raise NotImplementedError(
+                    f"muon: {', '.join(chosen)} is not available for FSDP2-sharded (DTensor) "
+                    "parameters yet (the second moments and the masks' kept fraction need the "
+                    "whole matrix, which only its owner rank assembles). Use plain Muon without "
+                    "the cautious flags for them, or DDP (replicated parameters)"
+                )
         if any(sharded):
             self._sharded_step(
                 group,

@@ -205,9 +205,13 @@ def second_moment_shape(
     raise ValueError(f"variant must be one of {MUON_VARIANTS}, got {variant!r}")
 
 
-def _compute_dtype(o: Tensor) -> torch.dtype:
-    # The moments and norms in at least float32: Newton–Schulz's output is bfloat16 on CUDA.
-    return torch.promote_types(o.dtype, torch.float32)
+def _working_copy(o: Tensor) -> Tensor:
+    """``o`` in at least float32 (Newton–Schulz's output is bfloat16 on CUDA) and contiguous.
+
+    Contiguous because the reductions below (row means, norms) sum in memory order: a tall
+    matrix's Newton–Schulz result is a transposed view, while the same values received from
+    another rank (a split step) are contiguous, and the replicas must round alike."""
+    return o.to(torch.promote_types(o.dtype, torch.float32)).contiguous()
 
 
 def _frobenius(x: Tensor) -> Tensor:
@@ -232,7 +236,7 @@ def normuon_normalize(
     float32.
     """
     count, m, n = matrix_shape(o.shape, view)
-    x = o.to(_compute_dtype(o)).reshape(count, m, n)
+    x = _working_copy(o).reshape(count, m, n)
     rows = x.square().mean(dim=-1).reshape(row_sq.shape)  # (count·m, 1)
     if ok is None:
         new = row_sq.lerp_(rows.to(row_sq.dtype), 1.0 - beta2)
@@ -263,7 +267,7 @@ def adamuon_normalize(
     float32, with Frobenius norm ``sqrt(min(m, n))`` per matrix (up to ``eps``).
     """
     count, m, n = matrix_shape(o.shape, view)
-    x = o.to(_compute_dtype(o))
+    x = _working_copy(o)
     if ok is None:
         v = exp_avg_sq.mul_(beta2).addcmul_(x, x, value=1.0 - beta2)
     else:
