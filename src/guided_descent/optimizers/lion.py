@@ -9,6 +9,11 @@ Update rule, for gradient ``g`` and momentum ``m`` (one buffer per parameter)::
 
 Every coordinate moves by exactly ``lr`` (or 0 where ``c`` is 0), so Lion wants a learning rate
 3-10x smaller than AdamW's and, to keep ``lr * weight_decay`` equal, a 3-10x larger weight decay.
+
+``cautious=True`` keeps only the coordinates of ``sign(c)`` that agree with ``g`` (rescaled by the
+kept fraction: C-Lion, arXiv 2411.16085); ``cautious_weight_decay=True`` decays only where
+``sign(c)`` and ``p`` agree (arXiv 2510.12402). Both are
+:mod:`guided_descent.transforms.cautious`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from torch import Tensor
 
 from guided_descent.optimizers.guard import GuardedOptimizer
 from guided_descent.optimizers.validation import validate_hyperparams
+from guided_descent.transforms.cautious import (
+    CAUTIOUS_OFF,
+    cautious_update,
+    decayed,
+    with_group_keys,
+)
 from guided_descent.transforms.descend import step_rms
 from guided_descent.transforms.masking import commit_
 
@@ -39,6 +50,8 @@ def lion(
     maximize: bool = False,
     foreach: bool = False,
     ok: Tensor | None = None,
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
 ) -> list[Tensor]:
     """Apply one Lion step in place to ``params`` and ``exp_avgs`` (functional form).
 
@@ -46,10 +59,15 @@ def lion(
     tensors: ``lr`` times the square root of the fraction of non-zero signs, for diagnostics.
     ``ok`` (a 0-d bool tensor) commits the step only where it is true, leaving parameters and
     buffers bit-identical otherwise, without a host sync (:func:`~..transforms.masking.commit_`).
+    ``cautious`` / ``cautious_weight_decay``: see the module docstring; either one takes the
+    per-tensor path (the mask's kept fraction is per tensor).
     """
-    if foreach:
+    if foreach and not (cautious or cautious_weight_decay):
         return _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok)
-    return _lion_single(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok)
+    return _lion_single(
+        params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok,
+        cautious, cautious_weight_decay,
+    )
 
 
 def _step_rms(sign_norm: Tensor, numel: int, lr: float) -> Tensor:
@@ -59,23 +77,27 @@ def _step_rms(sign_norm: Tensor, numel: int, lr: float) -> Tensor:
 
 
 def _lion_single(
-    params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok=None
+    params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok=None,
+    cautious=False, cautious_weight_decay=False,
 ) -> list[Tensor]:
     norms = []
     for p, g, m in zip(params, grads, exp_avgs, strict=True):
         if maximize:
             g = -g
         c = m.lerp(g, 1.0 - beta1)  # beta1*m + (1-beta1)*g, a fresh buffer
+        u = c.sign_()  # the step's direction, in place of c
+        if cautious:
+            u = cautious_update(u, g)
+        decay = lr * weight_decay
         if ok is None:
-            if weight_decay != 0.0:
-                p.mul_(1.0 - lr * weight_decay)
-            p.add_(c.sign_(), alpha=-lr)
+            decayed(p, u, decay, cautious_weight_decay, inplace=True)
+            p.add_(u, alpha=-lr)
             m.lerp_(g, 1.0 - beta2)
         else:  # the same arithmetic out of place, kept only where ok
-            new = p.mul(1.0 - lr * weight_decay) if weight_decay != 0.0 else p
-            commit_(p, new.add(c.sign_(), alpha=-lr), ok)
+            new = decayed(p, u, decay, cautious_weight_decay, inplace=False)
+            commit_(p, new.add(u, alpha=-lr), ok)
             commit_(m, m.lerp(g, 1.0 - beta2), ok)
-        norms.append(step_rms(c, lr))
+        norms.append(step_rms(u, lr))
     return norms
 
 
@@ -121,6 +143,10 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
         betas: ``(beta1, beta2)``: interpolation for the update direction and decay of the kept
             momentum. Default (0.9, 0.99).
         weight_decay: decoupled weight decay, multiplied by ``lr``. Default 0.
+        cautious: zero the coordinates of ``sign(c)`` whose sign disagrees with the gradient and
+            rescale the rest by the kept fraction (C-Lion, arXiv 2411.16085). Default False.
+        cautious_weight_decay: apply the weight decay only where ``sign(c)`` and the parameter
+            have the same sign (arXiv 2510.12402). Default False.
         maximize: ascend instead of descend.
         foreach: use the multi-tensor ``torch._foreach_*`` path; ``None`` picks it when all
             parameters are on a GPU.
@@ -140,15 +166,23 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
+        cautious: bool = False,
+        cautious_weight_decay: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         on_nonfinite: str = "skip",
     ) -> None:
-        validate_hyperparams("lion", {"lr": lr, "betas": betas, "weight_decay": weight_decay})
-        self._init_guard(on_nonfinite)
         defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
+            weight_decay=weight_decay,
+            cautious=cautious,
+            cautious_weight_decay=cautious_weight_decay,
+            maximize=maximize,
+            foreach=foreach,
         )
+        validate_hyperparams("lion", defaults)
+        self._init_guard(on_nonfinite)
         super().__init__(params, defaults)
         self._place_counters(None)  # before any compiled step, which could not create them
 
@@ -156,6 +190,11 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
         self, p: Tensor, group: Mapping[str, Any]
     ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
         return ("exp_avg",), {"exp_avg": tuple(p.shape)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load after the guard's checks; a state dict saved before the cautious flags
+        existed loads with both off."""
+        super().load_state_dict(with_group_keys(state_dict, CAUTIOUS_OFF))
 
     def _init_group(self, group: dict[str, Any]) -> None:
         """Create the missing momentum of ``group``'s parameters that have a gradient; dynamo runs
@@ -198,6 +237,8 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
                 maximize=group["maximize"],
                 foreach=foreach,
                 ok=ok,
+                cautious=group.get("cautious", False),
+                cautious_weight_decay=group.get("cautious_weight_decay", False),
             )
             for p, value in zip(params, step_rms, strict=True):
                 self._observe(p, update_rms=value)

@@ -3,14 +3,16 @@
 Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"
 (kellerjordan.github.io/posts/muon). The update rule lives in
 :mod:`guided_descent.preconditioners.orthogonalize`; this module is the ``torch.optim`` shell and
-the registry entry.
+the registry entries: ``muon``, and NorMuon and AdaMuon as ``normuon`` and ``adamuon`` -- the same
+class with ``variant=`` set and their papers' defaults, not copies.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import Tensor, nn
@@ -30,19 +32,34 @@ from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.preconditioners.orthogonalize import (
     AdjustLR,
     MatrixView,
+    MuonVariant,
     matrix_shape,
     momentum_direction,
     muon_update,
     orthogonalize,
+    second_moment_shape,
     shape_scale,
 )
 from guided_descent.routing import Router, RoutingPolicy, set_policy
+from guided_descent.transforms.cautious import CAUTIOUS_OFF, with_group_keys
 from guided_descent.transforms.descend import step_rms
 
 DEFAULT_LR = 0.02
 DEFAULT_MOMENTUM = 0.95
 DEFAULT_ADAMW_LR = 3e-4
 DEFAULT_ADAMW_BETAS = (0.9, 0.95)
+DEFAULT_BETA2 = 0.95  # NorMuon's beta2; AdaMuon's code uses the momentum, also 0.95
+DEFAULT_EPS = 1e-8  # AdaMuon's; NorMuon's code uses 1e-10 (the normuon registry default)
+
+# The state key of each variant's second moment (plain Muon has none).
+SECOND_MOMENT: Final[dict[str, str]] = {
+    "normuon": "normuon.row_sq",
+    "adamuon": "adamuon.exp_avg_sq",
+}
+# What a Muon group saved before the variants and cautious flags existed means: plain Muon.
+_LEGACY_GROUP: Final[dict[str, Any]] = dict(
+    variant="muon", beta2=DEFAULT_BETA2, eps=DEFAULT_EPS, **CAUTIOUS_OFF
+)
 
 
 def _normalized_coefficients(
@@ -77,6 +94,13 @@ class Muon(HybridOptimizer):
 
     ``NS`` is ``ns_steps`` quintic Newton–Schulz iterations
     (:func:`guided_descent.linalg.newton_schulz.newton_schulz`); ``scale`` is set by ``adjust_lr``.
+    ``variant="normuon"`` (Li et al. 2025, arXiv 2510.05491) divides each row of ``NS(D)`` by the
+    root of an EMA of its mean square and restores the Frobenius norm; ``variant="adamuon"`` (Si
+    et al. 2025, arXiv 2507.11005) orthogonalizes ``sign(D)``, divides element-wise by the root of
+    an EMA of ``NS(·)²`` and rescales to the norm of an exact ``U Vᵀ``. The rules, their sources
+    and where they differ from the authors' code are in
+    :mod:`guided_descent.preconditioners.orthogonalize`; ``gd.create("normuon")`` and
+    ``gd.create("adamuon")`` build this class with each paper's defaults.
     Groups tagged ``algorithm="adamw"`` (embeddings, output head, norms, biases: see
     :mod:`guided_descent.routing`) are stepped by ``torch.optim``'s AdamW with their own ``lr``,
     ``betas``, ``eps`` and ``weight_decay``. Groups without a tag are split by dimension
@@ -102,6 +126,20 @@ class Muon(HybridOptimizer):
             ``"batch"`` (``(..., m, n)`` is a stack of matrices, each orthogonalized alone). Set it
             per param group when a model has both kinds.
         ns_dtype: Newton–Schulz compute dtype; ``None``: bfloat16 on CUDA, float32 elsewhere.
+        variant: ``"muon"`` (default), ``"normuon"`` or ``"adamuon"`` (above). One choice, not
+            flags: AdaMuon's element-wise moment subsumes NorMuon's per-row one, and neither paper
+            combines them.
+        beta2: EMA coefficient of the variants' second moment, in [0, 1). Default 0.95 (both
+            papers). Unused by plain Muon.
+        eps: added to the variants' denominators (and norms). Default 1e-8 (AdaMuon's; NorMuon's
+            code uses 1e-10). Unused by plain Muon.
+        cautious: zero the coordinates of the final update whose sign disagrees with the gradient
+            and rescale the rest by the kept fraction (Liang et al. 2024, arXiv 2411.16085; see
+            :mod:`guided_descent.transforms.cautious`). Default False.
+        cautious_weight_decay: apply ``weight_decay`` only where the update and the parameter
+            have the same sign (Chen et al. 2025, arXiv 2510.12402). Default False.
+            Both cautious flags act on the Muon groups only: the AdamW groups run torch's
+            AdamW kernel unchanged (a cautious AdamW would mean re-implementing it).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups
             (3e-4, (0.9, 0.95), 1e-8, 0).
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
@@ -114,7 +152,11 @@ class Muon(HybridOptimizer):
             FSDP2-sharded (DTensor) matrices are always assembled on one owner rank,
             orthogonalized there and sent back in shards; the momentum stays sharded.
 
-    State per Muon parameter: ``momentum_buffer`` (its shape and dtype). AdamW parameters:
+    State per Muon parameter: ``momentum_buffer`` (its shape and dtype); NorMuon adds
+    ``normuon.row_sq`` (one float32 entry per row of its matrices, ``(count·m, 1)``), AdaMuon
+    ``adamuon.exp_avg_sq`` (its shape and dtype). Both are created with the momentum, saved in
+    ``state_dict`` and committed by a sync-free step like it. Variants and cautious steps are
+    not available for FSDP2-sharded parameters (a clear error says so). AdamW parameters:
     ``step``, ``exp_avg``, ``exp_avg_sq`` as in ``torch.optim.AdamW``. Newton–Schulz needs no
     fallback: on a finite input it is a fixed polynomial of a matrix normalized to norm <= 1, so
     its output is finite (the guard keeps non-finite gradients out); there is no stored
@@ -140,6 +182,11 @@ class Muon(HybridOptimizer):
         matrix_view: MatrixView = "flatten",
         ns_dtype: torch.dtype | None = None,
         *,
+        variant: MuonVariant = "muon",
+        beta2: float = DEFAULT_BETA2,
+        eps: float = DEFAULT_EPS,
+        cautious: bool = False,
+        cautious_weight_decay: bool = False,
         adamw_lr: float = DEFAULT_ADAMW_LR,
         adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
         adamw_eps: float = 1e-8,
@@ -158,6 +205,11 @@ class Muon(HybridOptimizer):
             adjust_lr=adjust_lr,
             matrix_view=matrix_view,
             ns_dtype=ns_dtype,
+            variant=variant,
+            beta2=beta2,
+            eps=eps,
+            cautious=cautious,
+            cautious_weight_decay=cautious_weight_decay,
         )
         _check_muon_options("muon", defaults)
         defaults["ns_coefficients"] = _normalized_coefficients(ns_coefficients, ns_steps)
@@ -174,8 +226,15 @@ class Muon(HybridOptimizer):
             param_group = {**param_group, "ns_coefficients": coefficients}
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load (through the base classes' checks); a Muon group saved before
+        ``variant``, ``beta2``, ``eps`` and the cautious flags existed loads as plain Muon."""
+        super().load_state_dict(with_group_keys(state_dict, _LEGACY_GROUP, self.ALGORITHM))
+
     def matrix_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
-        params, grads, buffers = [], [], []
+        variant = group["variant"]
+        moment_key = SECOND_MOMENT.get(variant)
+        params, grads, buffers, moments = [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -184,14 +243,28 @@ class Muon(HybridOptimizer):
             if torch.is_complex(p):
                 raise RuntimeError("Muon does not support complex parameters")
             state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if not state or (moment_key is not None and moment_key not in state):
+                # Lazily on the host-decided path; a sync-free step has created it in
+                # _init_group already (see HybridOptimizer._init_group).
+                self._create_state(p, group)
             params.append(p)
             grads.append(p.grad)
             buffers.append(state["momentum_buffer"])
+            if moment_key is not None:
+                moments.append(state[moment_key])
         if not params:
             return
         sharded = [shard_layout(p) is not None for p in params]
+        if any(sharded):
+            chosen = [f"variant={variant!r}"] if variant != "muon" else []
+            chosen += [k for k in ("cautious", "cautious_weight_decay") if group[k]]
+            if chosen:
+                raise NotImplementedError(
+                    f"muon: {', '.join(chosen)} is not available for FSDP2-sharded (DTensor) "
+                    "parameters yet (the second moments and the masks' kept fraction need the "
+                    "whole matrix, which only its owner rank assembles). Use plain Muon without "
+                    "the cautious flags for them, or DDP (replicated parameters)"
+                )
         if any(sharded):
             self._sharded_step(
                 group,
@@ -223,6 +296,12 @@ class Muon(HybridOptimizer):
             ns_dtype=group["ns_dtype"],
             orthogonalizer=orthogonalizer,
             ok=ok,
+            variant=variant,
+            second_moments=moments if moment_key is not None else None,
+            beta2=group["beta2"],
+            moment_eps=group["eps"],
+            cautious=group["cautious"],
+            cautious_weight_decay=group["cautious_weight_decay"],
         )
         for p, value in zip(params, updates_rms, strict=True):
             self._observe(p, update_rms=value)
@@ -313,13 +392,37 @@ class Muon(HybridOptimizer):
             target.add_(o, alpha=-size)  # as muon_update: one rounding into p's dtype
             self._observe(p, update_rms=extra[0])
 
+    def _create_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
+        """The missing state of ``p``: the momentum and the variant's second moment (NorMuon's per
+        row in at least float32 -- it is tiny; AdaMuon's in ``p``'s dtype, like the momentum)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        variant = group["variant"]
+        key = SECOND_MOMENT.get(variant)
+        if key is None or key in state:
+            return
+        if variant == "normuon":
+            shape = second_moment_shape(p.shape, group["matrix_view"], variant)
+            dtype = torch.promote_types(p.dtype, torch.float32)
+            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        else:
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     def init_matrix_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
-        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._create_state(p, group)
 
     def matrix_state(
         self, p: Tensor, group: Mapping[str, Any]
     ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
-        return ("momentum_buffer",), {"momentum_buffer": tuple(p.shape)}
+        keys: tuple[str, ...] = ("momentum_buffer",)
+        shapes = {"momentum_buffer": tuple(p.shape)}
+        key = SECOND_MOMENT.get(group.get("variant", "muon"))
+        if key is not None:
+            keys += (key,)
+            shape = second_moment_shape(p.shape, group["matrix_view"], group["variant"])
+            shapes[key] = shape  # type: ignore[assignment]  # not None for a variant
+        return keys, shapes
 
     def matrix_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         return {"preconditioner": "newton-schulz"}
@@ -337,6 +440,11 @@ def muon(
     adjust_lr: AdjustLR = "original",
     matrix_view: MatrixView = "flatten",
     ns_dtype: torch.dtype | None = None,
+    variant: MuonVariant = "muon",
+    beta2: float = DEFAULT_BETA2,
+    eps: float = DEFAULT_EPS,
+    cautious: bool = False,
+    cautious_weight_decay: bool = False,
     adamw_lr: float = DEFAULT_ADAMW_LR,
     adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
     adamw_eps: float = 1e-8,
@@ -373,6 +481,11 @@ def muon(
         adjust_lr=adjust_lr,
         matrix_view=matrix_view,
         ns_dtype=ns_dtype,
+        variant=variant,
+        beta2=beta2,
+        eps=eps,
+        cautious=cautious,
+        cautious_weight_decay=cautious_weight_decay,
         adamw_lr=adamw_lr,
         adamw_betas=adamw_betas,
         adamw_eps=adamw_eps,
@@ -402,3 +515,97 @@ SPEC = register(
     )
 )
 set_policy(Muon.ALGORITHM, Muon.ROUTING)
+
+
+# ------------------------------------------------------------------------- NorMuon and AdaMuon
+
+# The authors' defaults: the class defaults of their code (zichongli5/NorMuon normuon.py, with
+# its auxiliary Adam; Chongjie-Si/AdaMuon gpt2/models/optimizers/adamuon.py), AdamW groups as
+# Muon's. AdaMuon's GPT-2 runs instead shared lr 6e-4 and weight decay 0.1 with AdamW (its step
+# has Adam's RMS); on the model zoo's 60-step problems that lr leaves an LSTM at 0.995 of its
+# initial loss (0.86 at 0.02), so the code's defaults are the registry's.
+NORMUON_DEFAULTS: Final[dict[str, Any]] = dict(
+    lr=DEFAULT_LR,
+    momentum=DEFAULT_MOMENTUM,
+    beta2=0.95,
+    eps=1e-10,
+    weight_decay=0.0,
+    adjust_lr="original",
+    adamw_lr=DEFAULT_ADAMW_LR,
+    adamw_betas=DEFAULT_ADAMW_BETAS,
+    adamw_eps=1e-10,
+)
+ADAMUON_DEFAULTS: Final[dict[str, Any]] = dict(
+    lr=DEFAULT_LR,
+    momentum=DEFAULT_MOMENTUM,
+    beta2=0.95,
+    eps=1e-8,
+    weight_decay=0.01,
+    adjust_lr="match_rms_adamw",
+    adamw_lr=DEFAULT_ADAMW_LR,
+    adamw_betas=DEFAULT_ADAMW_BETAS,
+)
+
+
+def _variant_factory(variant: str, defaults: Mapping[str, Any], doc: str) -> Any:
+    """:func:`muon` with ``variant`` fixed and ``defaults`` as its defaults (its signature says
+    so, for ``create``'s list of accepted hyper-parameters and for ``help()``)."""
+    signature = inspect.signature(muon)
+    parameters = [
+        q.replace(default=defaults[q.name]) if q.name in defaults else q
+        for q in signature.parameters.values()
+        if q.name != "variant"
+    ]
+
+    def factory(target: nn.Module | Iterable[Any], **hyperparams: Any) -> Muon:
+        return muon(target, variant=variant, **{**defaults, **hyperparams})  # type: ignore[arg-type]
+
+    factory.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    factory.__name__ = factory.__qualname__ = variant
+    factory.__doc__ = doc
+    factory.__module__ = __name__
+    return factory
+
+
+normuon = _variant_factory(
+    "normuon",
+    NORMUON_DEFAULTS,
+    """A :class:`Muon` with ``variant="normuon"`` (NorMuon, arXiv 2510.05491) and the authors'
+    defaults: lr 0.02, momentum 0.95, beta2 0.95, eps 1e-10, no weight decay; AdamW groups 3e-4,
+    (0.9, 0.95), eps 1e-10. Arguments as :func:`muon`.""",
+)
+adamuon = _variant_factory(
+    "adamuon",
+    ADAMUON_DEFAULTS,
+    """A :class:`Muon` with ``variant="adamuon"`` (AdaMuon, arXiv 2507.11005) and the authors'
+    defaults: an Adam-sized step (``adjust_lr="match_rms_adamw"``: RMS 0.2·lr) at lr 0.02 with
+    weight decay 0.01, momentum and beta2 0.95, eps 1e-8; AdamW groups as Muon's (3e-4).
+    Arguments as :func:`muon`.""",
+)
+
+NORMUON_SPEC = register(
+    OptimizerSpec(
+        name="normuon",
+        family="layer-wise",
+        rule="O = NS(D) as muon; V = EMA(rowmean(O²)); p -= lr*scale*‖O‖·Ô/‖Ô‖, Ô = O/(√V+eps)",
+        state="1x (momentum) + 1 float per row (second moment) + AdamW 2x for routed-out params",
+        state_buffers=1.0,
+        reference="Li et al. 2025, arXiv 2510.05491",
+        factory=normuon,
+        defaults=NORMUON_DEFAULTS,
+        routes=True,
+    )
+)
+ADAMUON_SPEC = register(
+    OptimizerSpec(
+        name="adamuon",
+        family="layer-wise",
+        rule="O = NS(sign(D)); V = EMA(O²); p -= lr*0.2*√(mn)·Ô/‖Ô‖, Ô = O/(√V+eps)",
+        state="2x (momentum, element-wise second moment) + AdamW 2x for routed-out params",
+        state_buffers=2.0,
+        reference="Si, Zhang & Shen 2025, arXiv 2507.11005",
+        factory=adamuon,
+        defaults=ADAMUON_DEFAULTS,
+        routes=True,
+    )
+)

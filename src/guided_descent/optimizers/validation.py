@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from guided_descent.preconditioners.natural_gradient import OUTPUT_LOSSES
-from guided_descent.preconditioners.orthogonalize import ADJUST_LR
+from guided_descent.preconditioners.orthogonalize import ADJUST_LR, MUON_VARIANTS
 from guided_descent.preconditioners.views import parse_view
 from guided_descent.transforms.grafting import GRAFTINGS
 
@@ -160,11 +160,16 @@ CHECKS: dict[str, Check] = {
     "initial_accumulator_value": nonneg("initial_accumulator_value"),
     # every optimizer of the library
     "on_nonfinite": one_of("on_nonfinite", NONFINITE_POLICIES),
+    # where an optimizer defines them (Lion, Muon): guided_descent.transforms.cautious
+    "cautious": _boolean("cautious"),
+    "cautious_weight_decay": _boolean("cautious_weight_decay"),
     # Muon
     "ns_steps": positive_int("ns_steps"),
     "ns_dtype": _float_dtype,
     "adjust_lr": one_of("adjust_lr", ADJUST_LR),
     "matrix_view": _matrix_view,
+    "variant": one_of("variant (Muon's)", MUON_VARIANTS),
+    "beta2": unit_interval("beta2 (NorMuon's / AdaMuon's second-moment decay)"),
     # Shampoo and SOAP
     "precondition_frequency": positive_int("precondition_frequency"),
     "start_preconditioning_step": optional(positive_int("start_preconditioning_step")),
