@@ -145,6 +145,15 @@ def _float_dtype(owner: str, value: Any) -> None:
         )
 
 
+def _growth_rate(owner: str, value: Any) -> None:
+    # Prodigy's cap on the growth of its estimate per step; inf (no cap) is its default.
+    x = _as_float(value)
+    if x is None or math.isnan(x) or x <= 0:
+        raise ValueError(
+            f"{owner}: growth_rate must be a number > 0 (inf: unlimited), got {value!r}"
+        )
+
+
 CHECKS: dict[str, Check] = {
     # first-order (torch.optim names)
     "lr": nonneg("lr (learning rate)"),
@@ -191,6 +200,18 @@ CHECKS: dict[str, Check] = {
     "loss": one_of("loss", OUTPUT_LOSSES),
     "cg_iterations": positive_int("cg_iterations"),
     "cg_tolerance": nonneg("cg_tolerance"),
+    # schedule-free averaging weights (t+1)^r · lr_max^weight_lr_power
+    "r": nonneg("r (power of the step in the schedule-free averaging weights)"),
+    "weight_lr_power": nonneg("weight_lr_power (power of lr in the schedule-free weights)"),
+    # Prodigy
+    "beta3": optional(unit_interval("beta3 (decay of Prodigy's step-size statistics)")),
+    "d0": positive("d0 (Prodigy's initial step-size estimate)"),
+    "d_coef": positive("d_coef (factor on Prodigy's step-size estimate)"),
+    "growth_rate": _growth_rate,
+    "slice_p": positive_int("slice_p (Prodigy's statistics use every slice_p-th entry)"),
+    "decouple": _boolean("decouple"),
+    "use_bias_correction": _boolean("use_bias_correction"),
+    "safeguard_warmup": _boolean("safeguard_warmup"),
 }
 
 
