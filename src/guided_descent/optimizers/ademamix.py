@@ -24,13 +24,17 @@ steps T). These schedule the method's coefficients, not the learning rate, which
 which also holds for ``beta1 = 0`` (half-life 0).
 
 **Compared with the references.** The rule above is the paper's and the official code's
-(apple/ml-ademamix). The official scheduler takes ``ln(beta + 1e-8)`` where the paper takes
-``ln(beta)``: during the warm-up its ``beta3(t)`` differs from the paper's by ~1e-8 absolute;
-we follow the paper (as pytorch_optimizer does). The official class skips the fast EMA's buffer
-when ``beta1 = 0``; ours always keeps it. Argument names: the official ``betas`` triple is
-``betas=(beta1, beta2)`` plus ``beta3`` here, and ``alpha`` is ``alpha_slow``, because in this
-library a key means one thing in every optimizer (``betas`` is Adam's pair, ``alpha`` RMSprop's
-smoothing constant in [0, 1)).
+(apple/ml-ademamix); the tests check it against both written out, pytorch_optimizer and heavyball.
+
+* The official scheduler takes ``ln(beta + 1e-8)`` where the paper takes ``ln(beta)``, which
+  lengthens beta3's half-life by 1e-4 (relative) for beta3 = 0.9999: during the warm-up its
+  ``1 - beta3(t)`` is up to ~1e-4 (relative) smaller. We follow the paper, as pytorch_optimizer
+  does; heavyball copies the official scheduler.
+* heavyball floors ``sqrt(v̂)`` at ``eps`` (``max(sqrt(v̂), eps)``) where the paper adds it.
+* The official class skips the fast EMA's buffer when ``beta1 = 0``; ours always keeps it.
+* Argument names: the official ``betas`` triple is ``betas=(beta1, beta2)`` plus ``beta3``
+  here, and ``alpha`` is ``alpha_slow``, because in this library a key means one thing in every
+  optimizer (``betas`` is Adam's pair, ``alpha`` RMSprop's smoothing constant in [0, 1)).
 """
 
 from __future__ import annotations
