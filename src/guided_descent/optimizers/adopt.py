@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guided_descent.optimizers.elementwise import ElementwiseOptimizer, lerp_
+from guided_descent.optimizers.elementwise import ElementwiseOptimizer, lerp_, select
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.transforms.descend import step_rms
@@ -77,19 +77,19 @@ def adopt(
         measuring = t == 0
         n = g / v.sqrt().clamp_(min=eps)  # v = 0 on the measuring step: n = g / eps
         if clip_exponent is not None:
-            bound = t.pow(clip_exponent).to(m.dtype)  # at t = 0: 0 (or 1 for exponent 0)
+            bound = t.to(m.dtype).pow(clip_exponent)  # at t = 0: 0 (or 1 for exponent 0)
             n = n.clamp_(-bound, bound)
         else:  # unclipped, g / eps could overflow on the measuring step, and 0 * inf is NaN
             n = torch.where(measuring, 0.0, n)
         # On the measuring step m must stay 0 and p must not move: weight 0 for m, and p's
         # decay factor 1 and update m = 0 (exactly representable: p is left bit-identical).
-        lerp_(m, n, torch.where(measuring, 0.0, 1.0 - beta1).to(m.dtype), ok)
+        lerp_(m, n, select(measuring, 0.0, 1.0 - beta1, like=m), ok)
         update = m
-        decay = torch.where(measuring, 1.0, 1.0 - lr * weight_decay).to(m.dtype)
+        decay = select(measuring, 1.0, 1.0 - lr * weight_decay, like=m)
         new_p = p.to(m.dtype).mul(decay).add_(update, alpha=-lr)
         commit_(p, new_p, ok)
         # v after its use; on the measuring step it becomes g_0² (weight 1: lerp returns end).
-        lerp_(v, g * g, torch.where(measuring, 1.0, 1.0 - beta2).to(v.dtype), ok)
+        lerp_(v, g * g, select(measuring, 1.0, 1.0 - beta2, like=v), ok)
         norms.append(step_rms(update, lr))
     return norms
 

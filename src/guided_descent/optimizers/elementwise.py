@@ -39,6 +39,13 @@ def state_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
+def select(condition: Tensor, a: float, b: float, like: Tensor) -> Tensor:
+    """``a`` where ``condition`` (a 0-d bool tensor) else ``b``: a 0-d tensor of ``like``'s dtype
+    and device, each number rounded to that dtype once (``torch.where`` on two Python numbers
+    would give float32, which loses digits a float64 state needs)."""
+    return torch.where(condition, torch.full((), a, dtype=like.dtype, device=like.device), b)
+
+
 def lerp_(dst: Tensor, end: Tensor, weight: float | Tensor, ok: Tensor | None) -> None:
     """``dst += weight · (end − dst)`` in place, kept only where ``ok`` (``None``: always)."""
     if ok is None:

@@ -41,7 +41,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guided_descent.optimizers.elementwise import ElementwiseOptimizer, advance_, ema_sq_, lerp_
+from guided_descent.optimizers.elementwise import (
+    ElementwiseOptimizer,
+    advance_,
+    ema_sq_,
+    lerp_,
+    select,
+)
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.transforms.descend import descend_, step_rms
@@ -83,7 +89,7 @@ def mars(
         if maximize:
             g = -g
         # No correction on the first step (step == 0): the paper's x_0 = x_1.
-        coef = torch.where(step > 0, scale, 0.0).to(m.dtype)
+        coef = select(step > 0, scale, 0.0, like=m)
         c = torch.lerp(g, last, -coef)  # g + coef * (g - last)
         # Clip to norm 1: dividing by max(‖c‖, 1) is the identity, exactly, below norm 1.
         c = c / torch.linalg.vector_norm(c).clamp(min=1.0)
