@@ -111,7 +111,7 @@ def test_bfloat16_parameters_keep_float32_state_and_round_once_per_step():
     got, opt = ours(params, grads, lr=1e-2)
     ref, ref_state, _ = reference_mars(params, grads, lr=1e-2, round_to=torch.bfloat16)
     # The moments and the kept gradient never see the parameter. The kept gradient is the last
-    # bfloat16 gradient, exactly (float32 holds it); the moments are EMAs of the clipped
+    # bfloat16 gradient, exactly; the moments are EMAs of the clipped
     # corrected gradient c (|c| <= 1 + 2·gamma·beta1/(1 − beta1) times max|g|) and of c²: each
     # step rounds ~3 times by u times a term at most that bound, plus c's own error (N/2 + 6)u.
     u, T = torch.finfo(torch.float32).eps / 2, len(grads)
@@ -119,7 +119,8 @@ def test_bfloat16_parameters_keep_float32_state_and_round_once_per_step():
     atol = {"exp_avg": (N + 12) * T * u * c_max, "exp_avg_sq": (N + 12) * T * u * c_max**2}
     for p, (m, v, last) in zip(opt.param_groups[0]["params"], ref_state, strict=True):
         state = opt.state[p]
-        assert all(state[k].dtype == torch.float32 for k in ("exp_avg", "exp_avg_sq", "last_grad"))
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+        assert state["last_grad"].dtype == torch.bfloat16  # the gradient's own, exactly
         assert torch.equal(state["last_grad"].double(), last)
         for key, want in (("exp_avg", m), ("exp_avg_sq", v)):
             torch.testing.assert_close(state[key].double(), want, rtol=0.0, atol=atol[key])

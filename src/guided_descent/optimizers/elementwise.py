@@ -6,6 +6,8 @@ parameter. What they have in common, kept here once:
 * **State in float32** (float64 for float64 parameters): a bfloat16 parameter gets float32
   moments, its gradient is promoted before it enters them, and the update is computed in float32
   and rounded into the parameter once (:func:`~guided_descent.transforms.descend.descend_`).
+  A buffer that only keeps a copy of a gradient (MARS's ``last_grad``) stays in the gradient's
+  dtype, which holds it exactly.
   ``torch.optim.Optimizer.load_state_dict`` would cast such state to the parameter's dtype;
   :meth:`ElementwiseOptimizer.load_state_dict` restores it as saved.
 * **A step counter per parameter**, ``state["step"]``: a 0-d float32 tensor on the parameter's
@@ -79,6 +81,9 @@ class ElementwiseOptimizer(GuardedOptimizer, torch.optim.Optimizer):
 
     MASKED_SKIP = True
     BUFFERS: ClassVar[tuple[str, ...]] = ()  # param-shaped state tensors, created as zeros
+    # Those of BUFFERS that only ever hold a copy of a gradient: kept in the parameter's dtype
+    # (a gradient has it), which holds the copy exactly at a fraction of float32's memory.
+    GRADIENT_COPIES: ClassVar[tuple[str, ...]] = ()
 
     def expected_state(
         self, p: Tensor, group: Mapping[str, Any]
@@ -89,9 +94,8 @@ class ElementwiseOptimizer(GuardedOptimizer, torch.optim.Optimizer):
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for key in self.BUFFERS:
-            state[key] = torch.zeros_like(
-                p, dtype=state_dtype(p), memory_format=torch.preserve_format
-            )
+            dtype = p.dtype if key in self.GRADIENT_COPIES else state_dtype(p)
+            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _init_group(self, group: dict[str, Any]) -> None:
         """Create the missing state of ``group``'s parameters that have a gradient; dynamo runs a

@@ -74,11 +74,11 @@ def mars(
     """Apply one MARS-AdamW (approximate) step in place (functional form; see the module
     docstring).
 
-    ``exp_avgs``, ``exp_avg_sqs``, ``last_grads``: float32 (float64 for float64 parameters),
-    each the shape of its parameter; ``steps``: 0-d float32 counters (0 before the first step,
-    where ``last_grads`` is not yet a gradient). ``ok`` (a 0-d bool tensor) keeps the step only
-    where true, without a host sync. Returns the RMS of each parameter's step (weight decay
-    excluded) as 0-d tensors.
+    ``exp_avgs``, ``exp_avg_sqs``: float32 (float64 for float64 parameters); ``last_grads``:
+    the gradients' dtype; each the shape of its parameter. ``steps``: 0-d float32 counters (0
+    before the first step, where ``last_grads`` is not yet a gradient). ``ok`` (a 0-d bool
+    tensor) keeps the step only where true, without a host sync. Returns the RMS of each
+    parameter's step (weight decay excluded) as 0-d tensors.
     """
     scale = gamma * beta1 / (1.0 - beta1)
     norms = []
@@ -90,7 +90,7 @@ def mars(
             g = -g
         # No correction on the first step (step == 0): the paper's x_0 = x_1.
         coef = select(step > 0, scale, 0.0, like=m)
-        c = torch.lerp(g, last, -coef)  # g + coef * (g - last)
+        c = torch.lerp(g, last.to(g.dtype), -coef)  # g + coef * (g - last), one kernel
         # Clip to norm 1: dividing by max(‖c‖, 1) is the identity, exactly, below norm 1.
         c = c / torch.linalg.vector_norm(c).clamp(min=1.0)
         t = advance_(step, ok)
@@ -119,13 +119,14 @@ class MARS(ElementwiseOptimizer):
         on_nonfinite: ``"skip"`` (default), ``"raise"`` or ``"off"`` (see
             :mod:`guided_descent.optimizers.guard`).
 
-    State per parameter: ``exp_avg``, ``exp_avg_sq`` and ``last_grad`` (the previous step's
-    gradient), each the parameter's shape in float32 (float64 for float64 parameters), and
-    ``step``.
+    State per parameter: ``exp_avg`` and ``exp_avg_sq`` in float32 (float64 for float64
+    parameters), ``last_grad`` (the previous step's gradient) in the gradient's own dtype, which
+    holds it exactly, each the parameter's shape; and ``step``.
     """
 
     STATE_NAME = "MARS"
     BUFFERS = ("exp_avg", "exp_avg_sq", "last_grad")
+    GRADIENT_COPIES = ("last_grad",)
 
     def __init__(
         self,
@@ -178,7 +179,8 @@ SPEC = register(
         family="adaptive",
         rule="AdamW on c = clip(g + gamma*b1/(1-b1)*(g - g_prev), norm 1) "
         "(variance reduction with the previous step's gradient)",
-        state="3x float32 (first and second moments, previous gradient)",
+        state="2x float32 (first and second moments) + 1x in the gradient's dtype (previous "
+        "gradient)",
         state_buffers=3.0,
         reference="Yuan et al. 2024, arXiv 2411.10438",
         factory=MARS,
