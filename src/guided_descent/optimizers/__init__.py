@@ -2,6 +2,14 @@
 
 # Importing a module registers its optimizers; the order is the order of `guided-descent list`.
 from guided_descent.optimizers import first_order as _first_order  # noqa: F401
+
+# isort: split
+# The elementwise adaptive methods, listed after the first-order ones.
+from guided_descent.optimizers import ademamix as _ademamix  # noqa: F401
+from guided_descent.optimizers import adopt as _adopt  # noqa: F401
+from guided_descent.optimizers import mars as _mars  # noqa: F401
+
+# isort: split
 from guided_descent.optimizers import kfac as _kfac  # noqa: F401
 from guided_descent.optimizers import muon as _muon  # noqa: F401
 from guided_descent.optimizers import natural_gradient as _natural_gradient  # noqa: F401

@@ -191,6 +191,13 @@ CHECKS: dict[str, Check] = {
     "shampoo_beta": optional(unit_interval("shampoo_beta")),
     "tiebreak": nonneg("tiebreak (SOAP's first-basis tie-breaking, relative to ‖F‖)"),
     "refresh_shift": nonneg("refresh_shift (SOAP's power-step shift, relative to tr F / n)"),
+    # AdEMAMix, MARS and ADOPT
+    "beta3": unit_interval("beta3 (AdEMAMix's slow-EMA decay)"),
+    "alpha_slow": nonneg("alpha_slow (AdEMAMix's slow-EMA weight)"),
+    "alpha_warmup": optional(positive_int("alpha_warmup")),
+    "beta3_warmup": optional(positive_int("beta3_warmup")),
+    "gamma": nonneg("gamma (MARS's variance-reduction strength)"),
+    "clip_exponent": optional(nonneg("clip_exponent (ADOPT's clipping bound t**exponent)")),
     # K-FAC and natural gradient
     "damping": nonneg("damping"),
     "stat_decay": unit_interval("stat_decay"),
