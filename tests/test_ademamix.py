@@ -280,6 +280,7 @@ def test_registry_entry_and_defaults():
     "hp, match",
     [
         (dict(beta3=1.0), "beta3"),
+        (dict(beta3=None), "beta3"),  # Prodigy shares the check and accepts None; AdEMAMix not
         (dict(alpha_slow=-1.0), "alpha_slow"),
         (dict(alpha_warmup=0), "alpha_warmup"),
         (dict(beta3_warmup=2.5), "beta3_warmup"),

@@ -180,6 +180,8 @@ class AdEMAMix(ElementwiseOptimizer):
             eps=eps,
             weight_decay=weight_decay,
         )
+        if beta3 is None:  # the shared check accepts None (Prodigy's default); AdEMAMix does not
+            raise ValueError("ademamix: beta3 (the slow EMA's decay) must be in [0, 1), got None")
         validate_hyperparams("ademamix", hyper)
         self._init_guard(on_nonfinite)
         super().__init__(params, {**hyper, "maximize": maximize})

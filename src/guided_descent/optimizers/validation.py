@@ -192,7 +192,10 @@ CHECKS: dict[str, Check] = {
     "tiebreak": nonneg("tiebreak (SOAP's first-basis tie-breaking, relative to ‖F‖)"),
     "refresh_shift": nonneg("refresh_shift (SOAP's power-step shift, relative to tr F / n)"),
     # AdEMAMix, MARS and ADOPT
-    "beta3": unit_interval("beta3 (AdEMAMix's slow-EMA decay)"),
+    # beta3 is AdEMAMix's slow-EMA decay and Prodigy's step-size statistics decay (None there:
+    # sqrt(beta2)); one check serves both, and AdEMAMix's None is refused in its own __init__.
+    "beta3": optional(unit_interval("beta3 (AdEMAMix's slow-EMA decay, Prodigy's decay of its "
+                                    "step-size statistics)")),
     "alpha_slow": nonneg("alpha_slow (AdEMAMix's slow-EMA weight)"),
     "alpha_warmup": optional(positive_int("alpha_warmup")),
     "beta3_warmup": optional(positive_int("beta3_warmup")),
@@ -211,7 +214,6 @@ CHECKS: dict[str, Check] = {
     "r": nonneg("r (power of the step in the schedule-free averaging weights)"),
     "weight_lr_power": nonneg("weight_lr_power (power of lr in the schedule-free weights)"),
     # Prodigy
-    "beta3": optional(unit_interval("beta3 (decay of Prodigy's step-size statistics)")),
     "d0": positive("d0 (Prodigy's initial step-size estimate)"),
     "d_coef": positive("d_coef (factor on Prodigy's step-size estimate)"),
     "growth_rate": _growth_rate,
