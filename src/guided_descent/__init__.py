@@ -7,6 +7,7 @@ Library entry points::
     gd.optimizers()["lion"].reference         # what the registry knows
     gd.schedules.scheduler(opt, gd.schedules.Cosine(1000))   # LambdaLR with a closed-form schedule
     ema = gd.EMA(model, decay=0.999)          # weight EMA (torch's AveragedModel underneath)
+    opt = gd.schedule_free("muon", model)     # any registered optimizer, schedule-free
     gd.mup.parametrize(model, base_model, "adam")            # μP groups and init rescaling
     gd.save_checkpoint(path, model=model, optimizer=opt, step=t)   # atomic; load_checkpoint
 
@@ -28,6 +29,7 @@ from guided_descent.optimizers import (
     optimizers,
     register,
     save_checkpoint,
+    schedule_free,
 )
 
 __version__ = "0.1.0"
@@ -47,5 +49,6 @@ __all__ = [
     "optimizers",
     "register",
     "save_checkpoint",
+    "schedule_free",
     "schedules",
 ]

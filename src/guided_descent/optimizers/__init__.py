@@ -33,6 +33,7 @@ from guided_descent.optimizers.registry import (
     optimizers,
     register,
 )
+from guided_descent.optimizers.schedule_free import schedule_free
 
 __all__ = [
     "CheckpointError",
@@ -49,4 +50,5 @@ __all__ = [
     "optimizers",
     "register",
     "save_checkpoint",
+    "schedule_free",
 ]
