@@ -113,7 +113,7 @@ class SOAP(KroneckerOptimizer):
             0 turns SOAP into AdamW.
         tiebreak: how far apart (relative to ``‖F‖``) two eigen-directions must be for the
             first basis to resolve them; closer ones are ordered along the coordinate axes
-            (:func:`~guided_descent.preconditioners.soap.tiebroken`). Default 1e-2; 0 is the
+            (:func:`~guided_descent.preconditioners.soap.tiebroken`). Default 2e-2; 0 is the
             references' ``eigh`` as it comes.
         refresh_shift: the power-step refresh works on ``F + refresh_shift · (tr F / n) · I``,
             so that directions without signal keep their basis vectors. Default 1e-3; 0 is the
