@@ -389,3 +389,31 @@ def test_report_rerenders_a_run_written_before_verdicts(tmp_path):
     path.write_text(json.dumps(summary))
     text = render(tmp_path / "old").read_text()
     assert "**PASS** | all-finite" in text and "**UNDECIDED**" not in text
+
+
+def test_a_schedule_free_optimizer_runs_as_its_authors_run_it(tmp_path, monkeypatch):
+    """Warm-up then a constant rate (its average replaces the decay), no weight EMA (x is an
+    average already), and evaluations at x -- while every other optimizer keeps the cosine."""
+    from guided_descent.experiments.bench import protocol
+
+    seen = {}
+    real_train = protocol.train
+
+    def spy(model, opt, batch_loss, steps, **kwargs):
+        seen[type(opt).__name__] = kwargs
+        return real_train(model, opt, batch_loss, steps, **kwargs)
+
+    monkeypatch.setattr(protocol, "train", spy)
+    config = Config(task="digits-mlp", ci=True, seeds=1, warmup_steps=1, budget_steps=10,
+                    eval_every=5)
+    problem = config.workload.build(0, 10, 16, True, torch.device("cpu"))
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    for name in ("adamw", "schedulefree_adamw"):
+        assert run_one(config, problem, name, 0, 1.0, metrics)["finite"]
+    metrics.close()
+    sf = seen.pop("AdamWScheduleFree")
+    (other,) = seen.values()
+    assert other["ema"] is not None and sf["ema"] is None
+    tail = [sf["schedule"](t) for t in range(5, 10)]
+    assert tail == [1.0] * 5  # constant after the warm-up
+    assert other["schedule"](9) < 0.5  # the cosine decays

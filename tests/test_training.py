@@ -162,3 +162,39 @@ def test_invalid_arguments(kwargs, match):
     args = {"steps": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
         train(model, opt, _batch_loss(model, x, y), args.pop("steps"), **args)
+
+
+def test_a_schedule_free_optimizer_is_evaluated_at_its_average():
+    """The parameters hold y while training; evaluations must see x (the point the method
+    returns), and training must go on from y, bit for bit as a loop that never evaluated."""
+    model, x, y = _setup()
+    reference, _, _ = _setup()
+    opt = gd.create("schedulefree_adamw", model, lr=0.05)
+    ref_opt = gd.create("schedulefree_adamw", reference, lr=0.05)
+    seen = []
+
+    def evaluate() -> dict[str, float]:
+        seen.append((opt.training, model[0].weight.detach().clone()))
+        return {}
+
+    train(model, opt, _batch_loss(model, x, y), 6, evaluate=evaluate, eval_every=3)
+    loss = _batch_loss(reference, x, y)
+    for step in range(1, 7):
+        ref_opt.zero_grad(set_to_none=True)
+        loss(step).backward()
+        ref_opt.step()
+    assert opt.training  # y is back in the parameters
+    assert torch.equal(model[0].weight, reference[0].weight)  # evaluations changed nothing
+    assert [training for training, _ in seen] == [False, False, False]
+    with ref_opt.averaged():
+        assert torch.equal(seen[-1][1], reference[0].weight)  # x, not y
+    assert not torch.equal(seen[-1][1], model[0].weight)
+
+
+def test_an_ema_beside_a_schedule_free_optimizer_averages_x():
+    model, x, y = _setup()
+    opt = gd.create("schedulefree_adamw", model, lr=0.05)
+    ema = EMA(model, decay=0.0)  # decay 0: the EMA is the last point it was updated at
+    train(model, opt, _batch_loss(model, x, y), 4, ema=ema)
+    with opt.averaged():
+        assert torch.equal(ema.module[0].weight, model[0].weight)

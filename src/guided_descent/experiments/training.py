@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from guided_descent.ema import EMA
 from guided_descent.experiments.records import MetricsWriter
 from guided_descent.optimizers.diagnostics import summarize
+from guided_descent.optimizers.schedule_free import ScheduleFreeModes
 from guided_descent.schedules import Schedule, scheduler
 
 
@@ -59,6 +61,14 @@ class TrainResult:
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"train: {name} must be an integer >= 1, got {value!r}")
+
+
+def evaluation_point(optimizer: torch.optim.Optimizer) -> AbstractContextManager[None]:
+    """Where ``optimizer``'s model is evaluated: at the average ``x`` for a schedule-free one
+    (whose parameters hold ``y`` while training), where they are for every other."""
+    if isinstance(optimizer, ScheduleFreeModes):
+        return optimizer.averaged()
+    return nullcontext()
 
 
 def train(
@@ -86,6 +96,10 @@ def train(
             (multiplies each group's initial ``lr``; the first step runs at ``schedule(0)``).
         ema: an :class:`~guided_descent.ema.EMA` of ``model``, updated after every step; when
             given, evaluations see its averaged weights (swapped in and out again).
+
+    A schedule-free ``optimizer`` (its parameters hold the training point ``y``) is evaluated at
+    its average ``x`` (inside ``optimizer.averaged()``), and an ``ema`` beside it averages ``x``
+    too; the parameters hold ``y`` again after each evaluation and when ``train`` returns.
         clip_grad_norm: clip the global gradient norm to this value (``clip_grad_norm_``).
         evaluate: ``() -> scores``, run on the model (no gradient bookkeeping is added: wrap your
             function in ``torch.no_grad`` if it needs it).
@@ -116,11 +130,13 @@ def train(
     def log(step: int, mean_loss: float | None) -> None:
         scores: dict[str, float] = {}
         if evaluate is not None:
-            if ema is not None:
-                with ema.swapped():
+            # The mode switch outside the swap: inside it the live weights are the EMA's.
+            with evaluation_point(optimizer):
+                if ema is not None:
+                    with ema.swapped():
+                        scores = dict(evaluate())
+                else:
                     scores = dict(evaluate())
-            else:
-                scores = dict(evaluate())
         record: dict[str, Any] = {"step": step, "batch_loss": mean_loss}
         if sched is not None:
             # The rate the *next* step will use; at step 0, the first step's.
@@ -147,7 +163,8 @@ def train(
         if sched is not None:
             sched.step()
         if ema is not None:
-            ema.update()
+            with evaluation_point(optimizer):
+                ema.update()
         running += loss.detach()
         since += 1
         result.steps = step
@@ -164,4 +181,4 @@ def train(
     return result
 
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "evaluation_point", "train"]

@@ -10,7 +10,10 @@
 * the optimizer step is clocked on its own through ``register_step_pre_hook``/``post_hook``;
 * one schedule family for every optimizer (:func:`make_schedule`), laid out over the whole step
   budget, so every run ends on its own schedule's last step (unless ``--budget-minutes`` stops
-  it first: the record says so);
+  it first: the record says so). The exception is a schedule-free optimizer, whose average
+  replaces the decay: it gets the same warm-up, then a constant rate, no weight EMA (its ``x``
+  is already an average), and is evaluated at ``x`` (see :func:`~..training.train`) -- the way
+  its authors run it; a cosine on top would count its decay twice;
 * evaluation on a fixed cadence and after the last step; the record keeps every evaluation as
   ``curve`` (step, training seconds, metric, loss metric), from which targets are read.
 """
@@ -35,7 +38,8 @@ from guided_descent.experiments import peers as peer_lib
 from guided_descent.experiments.bench.workloads import Problem, stream_seed
 from guided_descent.experiments.bench_step import state_bytes
 from guided_descent.experiments.records import MetricsWriter
-from guided_descent.experiments.training import train
+from guided_descent.experiments.training import evaluation_point, train
+from guided_descent.optimizers.schedule_free import ScheduleFreeModes
 from guided_descent.schedules import WSD, Constant, Cosine, LinearWarmup, Schedule, join
 
 if TYPE_CHECKING:
@@ -192,6 +196,7 @@ def run_one(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
         warm.optimizer.step()
     _sync(device)
+    schedule_free = isinstance(warm.optimizer, ScheduleFreeModes)
     warm.close()
     del warm
     # Restore: initial weights, a fresh optimizer (empty state), the RNG where it started.
@@ -199,7 +204,7 @@ def run_one(
     model.zero_grad(set_to_none=True)
     torch.manual_seed(global_seed)
     # The EMA copies the model before the optimizer can attach hooks to it (K-FAC).
-    ema = EMA(model, decay=config.ema_decay) if config.ema_decay > 0 else None
+    ema = EMA(model, decay=config.ema_decay) if config.ema_decay > 0 and not schedule_free else None
     built = build_optimizer(name, trained, config)
     opt = built.optimizer
     for group in opt.param_groups:
@@ -241,7 +246,9 @@ def run_one(
     try:
         result = train(
             model, opt, batch_loss, budget,
-            schedule=make_schedule(config.schedule, budget, config.lr_warmup),
+            schedule=make_schedule(
+                "constant" if schedule_free else config.schedule, budget, config.lr_warmup
+            ),
             ema=ema, clip_grad_norm=config.clip_norm, evaluate=evaluate,
             eval_every=config.cadence, metrics=metrics, tags=tags, on_step=after_step,
             # Each rank logs the loss of its own share: the ranks could disagree on stopping.
@@ -253,7 +260,7 @@ def run_one(
         # the same format, so the run ends on an evaluation like every other.
         stopped_by_clock = True
         swap = ema.swapped() if ema is not None else contextlib.nullcontext()
-        with swap:
+        with evaluation_point(opt), swap:
             scores = evaluate()
         metrics.write(event="eval", **tags, step=done, batch_loss=None, **scores)
     final = history[-1][2]
