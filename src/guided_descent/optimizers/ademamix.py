@@ -40,8 +40,6 @@ which also holds for ``beta1 = 0`` (half-life 0).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +51,6 @@ from guided_descent.optimizers.elementwise import (
     lerp_,
 )
 from guided_descent.optimizers.registry import OptimizerSpec, register
-from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.transforms.descend import descend_, step_rms
 from guided_descent.transforms.masking import bias_correction
 
@@ -153,6 +150,15 @@ class AdEMAMix(ElementwiseOptimizer):
     """
 
     STATE_NAME = "AdEMAMix"
+    RULE = staticmethod(ademamix)
+    HYPER = {
+        "beta3": "beta3",
+        "alpha": "alpha_slow",
+        "alpha_warmup": "alpha_warmup",
+        "beta3_warmup": "beta3_warmup",
+        "eps": "eps",
+        "weight_decay": "weight_decay",
+    }
     BUFFERS = ("exp_avg", "exp_avg_slow", "exp_avg_sq")
 
     def __init__(
@@ -182,39 +188,7 @@ class AdEMAMix(ElementwiseOptimizer):
         )
         if beta3 is None:  # the shared check accepts None (Prodigy's default); AdEMAMix does not
             raise ValueError("ademamix: beta3 (the slow EMA's decay) must be in [0, 1), got None")
-        validate_hyperparams("ademamix", hyper)
-        self._init_guard(on_nonfinite)
-        super().__init__(params, {**hyper, "maximize": maximize})
-        self._place_counters(None)  # before any compiled step, which could not create them
-
-    def _group_step(
-        self,
-        group: Mapping[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        ok: Tensor | None,
-    ) -> list[Tensor]:
-        beta1, beta2 = group["betas"]
-        return ademamix(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_slow"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            beta3=group["beta3"],
-            alpha=group["alpha_slow"],
-            alpha_warmup=group["alpha_warmup"],
-            beta3_warmup=group["beta3_warmup"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            ok=ok,
-        )
+        self._setup("ademamix", params, hyper, maximize, on_nonfinite)
 
 
 SPEC = register(

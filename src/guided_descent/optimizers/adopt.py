@@ -30,15 +30,11 @@ and decays on step 0; our tests pin both differences. Weight decay here is alway
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from guided_descent.optimizers.elementwise import ElementwiseOptimizer, lerp_, select
 from guided_descent.optimizers.registry import OptimizerSpec, register
-from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.transforms.descend import step_rms
 from guided_descent.transforms.masking import commit_, count_
 
@@ -115,6 +111,8 @@ class ADOPT(ElementwiseOptimizer):
     """
 
     STATE_NAME = "ADOPT"
+    RULE = staticmethod(adopt)
+    HYPER = {k: k for k in ("eps", "clip_exponent", "weight_decay")}
     BUFFERS = ("exp_avg", "exp_avg_sq")
 
     def __init__(
@@ -136,37 +134,9 @@ class ADOPT(ElementwiseOptimizer):
             clip_exponent=clip_exponent,
             weight_decay=weight_decay,
         )
-        validate_hyperparams("adopt", hyper)
+        self._setup("adopt", params, hyper, maximize, on_nonfinite)
         if not eps > 0:  # a floor on sqrt(v): at 0, a coordinate whose gradients were 0 gives 0/0
             raise ValueError(f"adopt: eps must be > 0 (it floors sqrt(v)), got {eps!r}")
-        self._init_guard(on_nonfinite)
-        super().__init__(params, {**hyper, "maximize": maximize})
-        self._place_counters(None)  # before any compiled step, which could not create them
-
-    def _group_step(
-        self,
-        group: Mapping[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        ok: Tensor | None,
-    ) -> list[Tensor]:
-        beta1, beta2 = group["betas"]
-        return adopt(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            clip_exponent=group["clip_exponent"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            ok=ok,
-        )
 
 
 SPEC = register(

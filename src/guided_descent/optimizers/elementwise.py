@@ -25,7 +25,7 @@ functional form.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import chain
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from guided_descent.optimizers.guard import GuardedOptimizer
+from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.transforms.masking import commit_, count_
 
 
@@ -84,6 +85,21 @@ class ElementwiseOptimizer(GuardedOptimizer, torch.optim.Optimizer):
     # Those of BUFFERS that only ever hold a copy of a gradient: kept in the parameter's dtype
     # (a gradient has it), which holds the copy exactly at a fraction of float32's memory.
     GRADIENT_COPIES: ClassVar[tuple[str, ...]] = ()
+    # The method's functional form, called by the default :meth:`_group_step` as
+    # ``RULE(params, grads, *BUFFERS lists, steps, lr=, beta1=, beta2=, **HYPER, maximize=, ok=)``
+    # and returning the RMS of each parameter's step; HYPER maps its keyword names to group keys.
+    RULE: ClassVar[Callable[..., list[Tensor]]]
+    HYPER: ClassVar[Mapping[str, str]] = {}
+
+    def _setup(
+        self, name: str, params: Any, hyper: dict[str, Any], maximize: bool, on_nonfinite: str
+    ) -> None:
+        """The constructor's common tail: validate ``hyper`` (error messages name ``name``), set
+        up the non-finite guard and the groups, and place the device counters."""
+        validate_hyperparams(name, hyper)
+        self._init_guard(on_nonfinite)
+        torch.optim.Optimizer.__init__(self, params, {**hyper, "maximize": maximize})
+        self._place_counters(None)  # before any compiled step, which could not create them
 
     def expected_state(
         self, p: Tensor, group: Mapping[str, Any]
@@ -148,4 +164,15 @@ class ElementwiseOptimizer(GuardedOptimizer, torch.optim.Optimizer):
     ) -> list[Tensor]:
         """One step of the method on a group's parameters that have gradients; returns the RMS of
         each parameter's step as 0-d tensors (for diagnostics)."""
-        raise NotImplementedError
+        beta1, beta2 = group["betas"]
+        return type(self).RULE(
+            params,
+            grads,
+            *([s[key] for s in states] for key in (*self.BUFFERS, "step")),
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            **{arg: group[key] for arg, key in self.HYPER.items()},
+            maximize=group["maximize"],
+            ok=ok,
+        )

@@ -35,9 +35,6 @@ pytorch_optimizer's ``MARS``):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -49,7 +46,6 @@ from guided_descent.optimizers.elementwise import (
     select,
 )
 from guided_descent.optimizers.registry import OptimizerSpec, register
-from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.transforms.descend import descend_, step_rms
 from guided_descent.transforms.masking import bias_correction, commit_
 
@@ -125,6 +121,8 @@ class MARS(ElementwiseOptimizer):
     """
 
     STATE_NAME = "MARS"
+    RULE = staticmethod(mars)
+    HYPER = {k: k for k in ("gamma", "eps", "weight_decay")}
     BUFFERS = ("exp_avg", "exp_avg_sq", "last_grad")
     GRADIENT_COPIES = ("last_grad",)
 
@@ -141,36 +139,7 @@ class MARS(ElementwiseOptimizer):
         on_nonfinite: str = "skip",
     ) -> None:
         hyper = dict(lr=lr, betas=tuple(betas), gamma=gamma, eps=eps, weight_decay=weight_decay)
-        validate_hyperparams("mars", hyper)
-        self._init_guard(on_nonfinite)
-        super().__init__(params, {**hyper, "maximize": maximize})
-        self._place_counters(None)  # before any compiled step, which could not create them
-
-    def _group_step(
-        self,
-        group: Mapping[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[dict[str, Tensor]],
-        ok: Tensor | None,
-    ) -> list[Tensor]:
-        beta1, beta2 = group["betas"]
-        return mars(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["last_grad"] for s in states],
-            [s["step"] for s in states],
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            gamma=group["gamma"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            ok=ok,
-        )
+        self._setup("mars", params, hyper, maximize, on_nonfinite)
 
 
 SPEC = register(
