@@ -7,6 +7,7 @@ from guided_descent.optimizers import muon as _muon  # noqa: F401
 from guided_descent.optimizers import natural_gradient as _natural_gradient  # noqa: F401
 from guided_descent.optimizers import shampoo as _shampoo  # noqa: F401
 from guided_descent.optimizers import soap as _soap  # noqa: F401
+from guided_descent.optimizers import kl_shampoo as _kl_shampoo  # noqa: F401
 from guided_descent.optimizers.checkpoint import (
     CheckpointError,
     StateDictMismatchError,
