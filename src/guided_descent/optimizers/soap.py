@@ -154,6 +154,8 @@ class SOAP(KroneckerOptimizer):
     REFRESHED_AT: ClassVar[str] = REFRESHED_AT
     # Whether the state holds Adam's rotated second moment ``exp_avg_sq`` (KL-Shampoo: no).
     SECOND_MOMENT: ClassVar[bool] = True
+    # Whether the power step sorts the basis by its Rayleigh quotients (refresh_eigenbasis).
+    SORTED_REFRESH: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -496,7 +498,7 @@ class SOAP(KroneckerOptimizer):
         slices = self._slices(jobs)
         bases = [Q for _j, _b, Q in self._slices(jobs, ".basis")]
         new_bases, orders, good, conditions = flagged_refresh_bases(
-            [F for _j, _b, F in slices], bases, group["refresh_shift"]
+            [F for _j, _b, F in slices], bases, group["refresh_shift"], self.SORTED_REFRESH
         )
         done = []
         for (j, b, _F), basis, order, fine, condition in zip(
@@ -543,9 +545,13 @@ class SOAP(KroneckerOptimizer):
         factors = [F for _j, _b, F in slices]
         bases = [Q for _j, _b, Q in self._slices(jobs, ".basis")]
         if split is None:
-            results = refresh_bases(factors, bases, group["refresh_shift"])
+            # SOAP calls it as it always has; only a variant passes sort=False.
+            unsorted = {} if self.SORTED_REFRESH else {"sort": False}
+            results = refresh_bases(factors, bases, group["refresh_shift"], **unsorted)
         else:
-            results = self._split_refresh_bases(factors, bases, split, group["refresh_shift"])
+            results = self._split_refresh_bases(
+                factors, bases, split, group["refresh_shift"], self.SORTED_REFRESH
+            )
         failed: set[int] = set()
         for (j, b, _F), result in zip(slices, results, strict=True):
             p, state, d, key = jobs[j]
@@ -564,7 +570,7 @@ class SOAP(KroneckerOptimizer):
 
     @staticmethod
     def _split_refresh_bases(
-        factors: list[Tensor], bases: list[Tensor], split: WorkSplit, shift: float
+        factors: list[Tensor], bases: list[Tensor], split: WorkSplit, shift: float, sort: bool
     ) -> list[BasisRefresh]:
         """Each rank refreshes its share; every field of every refresh reaches every rank."""
         specs = []
@@ -581,7 +587,7 @@ class SOAP(KroneckerOptimizer):
 
         def compute(indices: list[int]) -> list[list[Tensor]]:
             results = refresh_bases(
-                [factors[i] for i in indices], [bases[i] for i in indices], shift
+                [factors[i] for i in indices], [bases[i] for i in indices], shift, sort
             )
             return [
                 [r.basis, r.order, r.ok, r.condition.to(factors[i].dtype)]

@@ -20,7 +20,8 @@ keeps, per dimension ``i``, an eigenbasis ``Q_i`` of ``F_i`` and estimates of it
 
 where ``F̂_j = Q_j diag(d_j) Q_jᵀ`` stands in for ``F_j`` inside the update (so ``X_(i) X_(i)ᵀ =
 G_(i) (⊗ F̂_j⁻¹) G_(i)ᵀ``), and every ``precondition_frequency`` steps ``Q_i`` is refreshed from
-``F_i`` by one power step and QR (:func:`guided_descent.preconditioners.soap.refresh_bases`).
+``F_i`` by one (unsorted) power step and QR, ``Q_i ← qr(F_i Q_i)``
+(:func:`guided_descent.preconditioners.soap.refresh_bases` with ``sort=False``).
 ``d_i`` starts at a constant (``init_factor``); ``floor_i = 1 / max(10, min(n_i, clamp))²`` bounds
 how far one factor may amplify a direction (the authors' clamping).
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from guided_descent.transforms.masking import commit_
