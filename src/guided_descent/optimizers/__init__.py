@@ -3,11 +3,13 @@
 # Importing a module registers its optimizers; the order is the order of `guided-descent list`.
 from guided_descent.optimizers import first_order as _first_order  # noqa: F401
 from guided_descent.optimizers import kfac as _kfac  # noqa: F401
-from guided_descent.optimizers import kl_shampoo as _kl_shampoo  # noqa: F401
 from guided_descent.optimizers import muon as _muon  # noqa: F401
 from guided_descent.optimizers import natural_gradient as _natural_gradient  # noqa: F401
 from guided_descent.optimizers import shampoo as _shampoo  # noqa: F401
 from guided_descent.optimizers import soap as _soap  # noqa: F401
+
+# isort: split
+from guided_descent.optimizers import kl_shampoo as _kl_shampoo  # noqa: F401
 from guided_descent.optimizers.checkpoint import (
     CheckpointError,
     StateDictMismatchError,
