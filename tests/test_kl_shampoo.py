@@ -67,7 +67,7 @@ def reference(
     T: int,
     tiebreak: float,
     shift: float,
-    init_factor: float = 0.1,
+    init_factor: float | None = None,
     clamp: float | None = 4000.0,
     sort: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
@@ -89,8 +89,12 @@ def reference(
         return vectors.flip(-1)
 
     QL, QR = basis(L), basis(R)
-    dL = torch.full((m_,), init_factor, dtype=F64)
-    dR = torch.full((n_,), init_factor, dtype=F64)
+    if init_factor is None:  # the library's default: sqrt(d_L d_Rᵀ) starts at the RMS of G
+        start = [max(G.square().mean().sqrt().item(), f) for f in floor]
+    else:
+        start = [init_factor, init_factor]
+    dL = torch.full((m_,), start[0], dtype=F64)
+    dR = torch.full((n_,), start[1], dtype=F64)
     m = torch.zeros_like(W0)
     v = torch.zeros_like(W0)
     W = W0.clone()
@@ -183,16 +187,18 @@ def test_matches_dense_transcription_of_the_authors_algorithm(name, dtype, shape
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_with_the_authors_basis_settings_too(name):
-    """tiebreak = refresh_shift = 0 is the authors' eigh and power step."""
+    """tiebreak = refresh_shift = 0 and init_factor = 0.1: the authors' first basis, power step
+    and initial estimates."""
     cls, soap = CASES[name]
     lr, betas, T = 5e-2, (0.9, 0.95), 4
     grads = gradients((5, 5), 10, seed=8)  # square: the first factors have full rank
     W = param((5, 5), seed=9)
     W0 = W.detach().clone()
     opt = cls([W], lr=lr, betas=betas, eps=1e-8, weight_decay=0.0, precondition_frequency=T,
-              tiebreak=0.0, refresh_shift=0.0)
+              tiebreak=0.0, refresh_shift=0.0, init_factor=0.1)
     ref, updates, kappas = reference(W0, grads, soap=soap, lr=lr, betas=betas, eps=1e-8,
-                                     weight_decay=0.0, T=T, tiebreak=0.0, shift=0.0)
+                                     weight_decay=0.0, T=T, tiebreak=0.0, shift=0.0,
+                                     init_factor=0.1)
     for G in grads:
         step(opt, [W], [G])
     assert (W.detach() - ref).norm().item() <= parity_tolerance(updates, kappas, ref, lr, F64)
@@ -334,15 +340,19 @@ def test_state_dict_resume_is_exact(name):
         assert torch.equal(a, b)
 
 
-def test_a_vector_is_rmsprop_with_the_initial_estimate():
-    """Every dimension diagonal: d ← β d + (1-β) g², the step m̂ / (sqrt(d_old) + eps)."""
+@pytest.mark.parametrize("init_factor", [None, 0.1])
+def test_a_vector_is_rmsprop_with_the_initial_estimate(init_factor):
+    """Every dimension diagonal: d ← β d + (1-β) g², the step m̂ / (sqrt(d_old) + eps); d starts
+    at init_factor, or (None) at the first gradient's mean square."""
     b = nn.Parameter(torch.zeros(5, dtype=F64))
     beta1, beta2, eps = 0.9, 0.95, 1e-8
     opt = KLShampoo([{"params": [b], "algorithm": "kl_shampoo"}], lr=1.0, betas=(beta1, beta2),
-                    eps=eps, weight_decay=0.0, inverse_root_clamp=None)
+                    eps=eps, weight_decay=0.0, inverse_root_clamp=None, init_factor=init_factor)
     m, ref = torch.zeros(5, dtype=F64), torch.zeros(5, dtype=F64)
-    d = torch.full((5,), 0.1, dtype=F64)
-    for t, G in enumerate(gradients((5,), 4, seed=2), start=1):
+    grads = gradients((5,), 4, seed=2)
+    start = grads[0].square().mean() if init_factor is None else init_factor
+    d = torch.full((5,), float(start), dtype=F64)
+    for t, G in enumerate(grads, start=1):
         step(opt, [b], [G])
         m = beta1 * m + (1 - beta1) * G
         ref = ref - m / (1 - beta1**t) / (d.sqrt() + eps)

@@ -39,7 +39,7 @@ from guided_descent.preconditioners.soap import project, project_back
 from guided_descent.routing import Router, RoutingPolicy, set_policy
 from guided_descent.transforms.masking import bias_correction, commit_
 
-INIT_FACTOR = 0.1  # the authors' initial eigenvalue estimate
+INIT_FACTOR = None  # estimates from the first gradient: see "Initial estimates" in KLSOAP
 INVERSE_ROOT_CLAMP = 4000.0  # the authors' cap on d^(-1/2) (at most max(10, min(n, this)))
 
 
@@ -56,9 +56,19 @@ class KLSOAP(SOAP):
         d_i = max(β d_i + (1 - β) n_i/N Σ_{others} (X ×_i Q_iᵀ)², 1 / max(10, min(n_i, clamp))²)
 
     ``F̂_j = Q_j diag(d_j) Q_jᵀ``: ``d_j`` estimates ``F_j``'s eigenvalues in the current basis,
-    every step, starting from ``init_factor``; on the first gradient ``F_i = (1 - β) n_i/N G_(i)
-    G_(i)ᵀ`` (the other factors unknown: the identity). The update is SOAP's, from Adam's
-    moments; KL-SOAP keeps ``d_i`` only to estimate ``F_i``. See :mod:`~..preconditioners.kl`.
+    every step; on the first gradient ``F_i = (1 - β) n_i/N G_(i) G_(i)ᵀ`` (the other factors
+    unknown: the identity). The update is SOAP's, from Adam's moments; KL-SOAP keeps ``d_i`` only
+    to estimate ``F_i``. See :mod:`~..preconditioners.kl`.
+
+    **Initial estimates** (``init_factor=None``, the default). The authors start every ``d_i`` at
+    the constant 0.1, which assumes a gradient scale: the product ``sqrt(d_0 ⊗ d_1)`` divides the
+    early steps by 0.1 whatever the gradients' size, and with ``β = 0.95`` it takes some 50 steps
+    to adapt. Here the first gradient a parameter receives sets ``d_i = (mean G²)^(1/k)`` for its
+    ``k`` dimensions (per matrix of a stack), so that ``d_0 ⊗ ... ⊗ d_{k-1}`` starts at the
+    gradient's mean square, as Adam's second moment does (an all-zero first gradient: 1). At 60
+    steps on ``tests/test_model_zoo.py``'s six models, final/initial loss of KL-Shampoo with the
+    constant 0.1 vs this: 0.149 / 0.117 (tied GPT), 0.484 / 0.414, 0.973 / 0.911 (LSTM), 0.634 /
+    0.637 (BN-CNN), 0.683 / 0.609 (MoE), 0.834 / 0.801; KL-SOAP level or slightly better.
 
     **Unsorted refresh.** As in the authors' code, and unlike SOAP's, the power step is
     ``Q_i ← qr(F_i Q_i)`` without sorting the columns by their Rayleigh quotients. KL factors are
@@ -77,7 +87,8 @@ class KLSOAP(SOAP):
         params, lr, betas, eps, weight_decay, shampoo_beta, precondition_frequency,
         max_precond_dim, matrix_view, tiebreak, refresh_shift, adamw_*, on_nonfinite,
         distributed: as :class:`~.soap.SOAP`.
-        init_factor: the eigenvalue estimates' starting value. Default 0.1 (the authors').
+        init_factor: the eigenvalue estimates' starting value; ``None`` (default): from the
+            first gradient (see "Initial estimates"); 0.1 is the authors'.
         inverse_root_clamp: ``d_i^(-1/2)`` is kept at most ``max(10, min(n_i, this))`` (a floor
             on ``d_i``); ``None`` turns the floor off. Default 4000 (the authors').
 
@@ -109,7 +120,7 @@ class KLSOAP(SOAP):
         matrix_view: str = "flatten",
         tiebreak: float = TIEBREAK,
         refresh_shift: float = REFRESH_SHIFT,
-        init_factor: float = INIT_FACTOR,
+        init_factor: float | None = INIT_FACTOR,
         inverse_root_clamp: float | None = INVERSE_ROOT_CLAMP,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] | None = None,
@@ -164,10 +175,34 @@ class KLSOAP(SOAP):
             return
         stack = self._matrices(p, group)
         lead = () if stack is None else (stack[0],)
+        # With init_factor None, 1 until the first gradient sets them (_initial_estimates_).
+        start = 1.0 if group["init_factor"] is None else group["init_factor"]
         for _d, key, n in self._eigen_dims(p, group):
             state[f"{key}.eigenvalues"] = torch.full(
-                (*lead, n), group["init_factor"], dtype=compute_dtype(p.dtype), device=p.device
+                (*lead, n), start, dtype=compute_dtype(p.dtype), device=p.device
             )
+
+    def _initial_estimates_(
+        self, group: Mapping[str, Any], state: dict[str, Any], grad: Tensor, stack: Any, ok: Any
+    ) -> None:
+        """``d_i = (mean G²)^(1/k)`` from a parameter's first gradient (``init_factor=None``)."""
+        if group["init_factor"] is not None:
+            return
+        x, batch, keys = self._working_view(state, grad, stack)
+        if f"{keys[0]}.eigenvalues" not in state:
+            return
+        mean_square = x.square().mean(dim=tuple(range(batch, x.dim())))  # (*batch)
+        # An all-zero gradient carries no scale: keep 1 rather than an estimate of 0.
+        root = torch.where(mean_square > 0, mean_square.pow(1.0 / len(keys)), 1.0)
+        clamp = group["inverse_root_clamp"]
+        for i, key in enumerate(keys):
+            d = state[f"{key}.eigenvalues"]
+            floor = eigenvalue_floor(x.shape[batch + i], clamp)
+            new = root.clamp_min(floor).unsqueeze(-1).expand_as(d)
+            if ok is None:
+                d.copy_(new)
+            else:
+                commit_(d, new, ok)
 
     def matrix_state(
         self, p: Tensor, group: Mapping[str, Any]
@@ -217,6 +252,7 @@ class KLSOAP(SOAP):
                 flat = moved.reshape(*moved.shape[: batch + 1], -1)  # (*batch, n_d, rest)
                 statistic = (flat @ flat.mT) * (x.shape[d] / numel)
                 self._accumulate(state[key], statistic, shampoo_beta, ok)
+            self._initial_estimates_(group, state, grad, stack, ok)
             return
         if f"{keys[0]}.eigenvalues" not in state:
             return  # no rotated dimension (KL-SOAP): plain Adam, nothing to estimate
@@ -314,6 +350,10 @@ class KLShampoo(KLSOAP):
         step: int | Tensor,
         ok: Tensor | None,
     ) -> Tensor:
+        if state["calls"] == 1:
+            # A parameter without a basis moves on its first gradient (one with bases has taken
+            # its estimates from it in _accumulate_factors and reaches here from the second).
+            self._initial_estimates_(group, state, grad, stack, ok)
         beta1 = group["betas"][0]
         exp_avg = state["exp_avg"] if stack is None else state["exp_avg"].view(stack)
         if ok is None:

@@ -177,7 +177,7 @@ CHECKS: dict[str, Check] = {
     "shampoo_beta": optional(unit_interval("shampoo_beta")),
     "tiebreak": nonneg("tiebreak (SOAP's first-basis tie-breaking, relative to ‖F‖)"),
     "refresh_shift": nonneg("refresh_shift (SOAP's power-step shift, relative to tr F / n)"),
-    "init_factor": positive("init_factor (KL-Shampoo's initial eigenvalue estimate)"),
+    "init_factor": optional(positive("init_factor (KL-Shampoo's initial eigenvalue estimate)")),
     "inverse_root_clamp": optional(positive("inverse_root_clamp (KL-Shampoo's cap on d^-1/2)")),
     # K-FAC and natural gradient
     "damping": nonneg("damping"),
