@@ -45,7 +45,8 @@ def step(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[tor
 # Q_Rᵀ (their `eigen_sqrt_inv / (1 + eigen_sqrt_inv eps)`), KL-SOAP's Adam's in the rotated space.
 # Where this library deliberately differs (each documented in the class docstrings), the
 # transcription follows the library, switchably: bias-corrected moments, weight decay before the
-# step, the first basis from the tie-broken factor, the power step on F + shift tr(F)/n I. The
+# step, the first basis from the tie-broken factor, the power step on F + shift tr(F)/n I, and
+# (init_factor=None) d_L, d_R starting at the RMS of the first gradient rather than at 0.1. The
 # power step is unsorted, as theirs (``sort=True``: SOAP's sorted step, for comparison).
 
 

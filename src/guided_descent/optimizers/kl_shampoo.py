@@ -81,7 +81,8 @@ class KLSOAP(SOAP):
     Differences from the authors' code, each SOAP's here: the first moment is kept unrotated
     (equal in exact arithmetic), both moments are bias-corrected and ``eps`` is placed as in
     ``torch.optim.AdamW``, weight decay comes before the step, ``tiebreak`` and ``refresh_shift``
-    (0 and 0 are the authors'); all state in float32 (their code computes in bfloat16).
+    (0 and 0 are the authors'); and, not SOAP's, the estimates' start (``init_factor=0.1`` is
+    the authors'); all state in float32 (their code computes in bfloat16).
 
     Args:
         params, lr, betas, eps, weight_decay, shampoo_beta, precondition_frequency,
@@ -307,9 +308,10 @@ class KLShampoo(KLSOAP):
 
     Differences from the authors' code: ``m`` is bias-corrected (as Adam's, so that Adam's
     learning rates apply from the first steps; theirs is not), weight decay comes before the step,
-    ``tiebreak`` and ``refresh_shift`` as SOAP's, any number of dimensions (theirs: 2-D and 3-D)
-    with diagonal factors for dimensions without a basis, float32 state (theirs: bfloat16
-    computations). The power step is unsorted, as theirs (see :class:`KLSOAP`).
+    ``tiebreak`` and ``refresh_shift`` as SOAP's, the estimates' start from the first gradient
+    (``init_factor=None``; theirs: 0.1, see :class:`KLSOAP`), any number of dimensions (theirs:
+    2-D and 3-D) with diagonal factors for dimensions without a basis, float32 state (theirs:
+    bfloat16 computations). The power step is unsorted, as theirs (see :class:`KLSOAP`).
 
     Args:
         params: parameters or param-group dicts (optionally tagged ``"algorithm"``); untagged

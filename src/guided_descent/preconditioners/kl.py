@@ -22,8 +22,9 @@ where ``F̂_j = Q_j diag(d_j) Q_jᵀ`` stands in for ``F_j`` inside the update (
 G_(i) (⊗ F̂_j⁻¹) G_(i)ᵀ``), and every ``precondition_frequency`` steps ``Q_i`` is refreshed from
 ``F_i`` by one (unsorted) power step and QR, ``Q_i ← qr(F_i Q_i)``
 (:func:`guided_descent.preconditioners.soap.refresh_bases` with ``sort=False``).
-``d_i`` starts at a constant (``init_factor``); ``floor_i = 1 / max(10, min(n_i, clamp))²`` bounds
-how far one factor may amplify a direction (the authors' clamping).
+The authors start ``d_i`` at a constant (0.1); the optimizers here, by default, at the first
+gradient's scale. ``floor_i = 1 / max(10, min(n_i, clamp))²`` bounds how far one factor may
+amplify a direction (the authors' clamping).
 
 A dimension without a basis (too long, length 1, or a vector's only dimension) keeps a diagonal
 factor: ``Q_i = I`` and only ``d_i``. With every dimension diagonal the scheme is RMSprop's.
