@@ -76,7 +76,7 @@ class KLSOAP(SOAP):
     nearly tie; a sort then flips with rounding and QR returns another basis. Measured on
     ``tests/test_sensitivity.py``'s tanh MLP (displacement change after 30 steps under a relative
     gradient noise of 1e-7): KL-SOAP sorted 8e-3, unsorted 1e-4 (SOAP: 1e-4); KL-Shampoo 3e-6
-    either way.
+    (its update does not depend on the basis inside a cluster of equal estimates).
 
     Differences from the authors' code, each SOAP's here: the first moment is kept unrotated
     (equal in exact arithmetic), both moments are bias-corrected and ``eps`` is placed as in
