@@ -53,11 +53,13 @@ CFG = GPTConfig(vocab_size=32, context=8, n_layer=1, n_head=2, d_model=16)
 BATCH = 8  # global batch (sequences); each rank takes BATCH // WORLD
 STEPS = 20
 TOLERANCE = 1e-5  # relative, float32
-MATRIX = ("muon", "shampoo", "soap")
+MATRIX = ("muon", "shampoo", "soap", "kl_shampoo", "kl_soap")
 # Refresh often enough that 20 steps see several refreshes.
 HYPER: dict[str, dict[str, Any]] = {
     "shampoo": {"precondition_frequency": 3},
     "soap": {"precondition_frequency": 3},
+    "kl_shampoo": {"precondition_frequency": 3},
+    "kl_soap": {"precondition_frequency": 3},
     "kfac": {"inverse_frequency": 3},
     # Required; the GPT's (B, T, V) logits are not its (N, C, *) layout, moot as it fails anyway.
     "natural_gradient": {"loss": "cross_entropy"},

@@ -30,7 +30,7 @@ import guided_descent as gd
 from guided_descent.routing import route
 
 NAMES = list(gd.optimizers())
-MATRIX = ("muon", "shampoo", "soap")
+MATRIX = ("muon", "shampoo", "soap", "kl_shampoo", "kl_soap")
 VOCAB, CTX, D = 24, 8, 16
 
 
@@ -354,7 +354,8 @@ def test_a_step_is_deterministic(case, name):
 # rank-deficient factors (their own sensitivity tests cover them); natural gradient builds its
 # curvature from the last micro-batch's inputs (documented).
 SMOOTH = [n for n in NAMES if n not in ("shampoo", "soap", "natural_gradient", "kfac")]
-NORMALIZING = {"adagrad", "rmsprop", "adam", "adamw", "nadam", "adafactor", "lion"}
+# KL-SOAP: Adam in an eigenbasis (its basis, unlike SOAP's, follows the gradient smoothly).
+NORMALIZING = {"adagrad", "rmsprop", "adam", "adamw", "nadam", "adafactor", "lion", "kl_soap"}
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not CASES[c].batch_norm])

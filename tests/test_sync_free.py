@@ -17,9 +17,11 @@ from torch import nn
 
 import guided_descent as gd
 
-NAMES = ("lion", "muon", "shampoo", "soap", "ademamix", "mars", "adopt")
+NAMES = ("lion", "muon", "shampoo", "soap", "kl_shampoo", "kl_soap", "ademamix", "mars", "adopt")
 # Small refresh intervals so that a few steps cross preconditioner refreshes.
-HYPER = {"shampoo": {"precondition_frequency": 2}, "soap": {"precondition_frequency": 2}}
+HYPER = {
+    name: {"precondition_frequency": 2} for name in ("shampoo", "soap", "kl_shampoo", "kl_soap")
+}
 # Muon orthogonalizes in float32 by default whatever the parameters' dtype.
 COMPILE_HYPER = {"muon": {"ns_dtype": torch.float64}}
 

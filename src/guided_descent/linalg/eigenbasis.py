@@ -71,18 +71,18 @@ def eigenbasis(P: Tensor) -> Tensor:
 
 @overload
 def refresh_eigenbasis(
-    P: Tensor, Q: Tensor, *, return_estimates: Literal[False] = ...
+    P: Tensor, Q: Tensor, *, return_estimates: Literal[False] = ..., sort: bool = ...
 ) -> EigenbasisRefresh: ...
 
 
 @overload
 def refresh_eigenbasis(
-    P: Tensor, Q: Tensor, *, return_estimates: Literal[True]
+    P: Tensor, Q: Tensor, *, return_estimates: Literal[True], sort: bool = ...
 ) -> tuple[EigenbasisRefresh, Tensor]: ...
 
 
 def refresh_eigenbasis(
-    P: Tensor, Q: Tensor, *, return_estimates: bool = False
+    P: Tensor, Q: Tensor, *, return_estimates: bool = False, sort: bool = True
 ) -> EigenbasisRefresh | tuple[EigenbasisRefresh, Tensor]:
     """One sorted subspace-iteration step ``Q ← qr(P Q[:, π])`` (see the module docstring).
 
@@ -92,6 +92,10 @@ def refresh_eigenbasis(
         return_estimates: also return the Rayleigh quotients ``diag(Qᵀ P Q)`` ``(..., n)``,
             sorted descending: the eigenvalues the old basis estimates, computed anyway for the
             sort (e.g. for a condition-number estimate at no extra cost).
+        sort: ``False`` skips the sort: ``Q ← qr(P Q)`` with the identity order (estimates in
+            column order). The step is then continuous in ``P`` (a sort flips where two
+            estimates tie), at the price of columns that may drift to other eigen-directions
+            over several refreshes; KL-Shampoo's authors refresh this way.
 
     Computes in float32 (float64 when ``P`` is float64). Never returns NaN and never raises for
     bad values: where ``P`` or the result is not finite, or QR fails, the old basis is returned
@@ -113,9 +117,12 @@ def refresh_eigenbasis(
     finite_in = torch.isfinite(estimates).all(-1)
     # Stable sort: tied columns (e.g. a zero factor) keep their order, so a refresh of an already
     # converged basis changes nothing.
-    order = torch.where(finite_in[..., None], estimates, 0.0).argsort(
-        dim=-1, descending=True, stable=True
-    )
+    if sort:
+        order = torch.where(finite_in[..., None], estimates, 0.0).argsort(
+            dim=-1, descending=True, stable=True
+        )
+    else:
+        order = identity
     columns = order.unsqueeze(-2).expand(P.shape)
     # P (Q[:, π]) = (P Q)[:, π]: reorder the product instead of multiplying again.
     try:

@@ -17,6 +17,9 @@ from guided_descent.optimizers import prodigy as _prodigy  # noqa: F401
 from guided_descent.optimizers import schedule_free as _schedule_free  # noqa: F401
 from guided_descent.optimizers import shampoo as _shampoo  # noqa: F401
 from guided_descent.optimizers import soap as _soap  # noqa: F401
+
+# isort: split
+from guided_descent.optimizers import kl_shampoo as _kl_shampoo  # noqa: F401
 from guided_descent.optimizers.checkpoint import (
     CheckpointError,
     StateDictMismatchError,

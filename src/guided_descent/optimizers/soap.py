@@ -9,7 +9,7 @@ registry entry.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -148,6 +148,14 @@ class SOAP(KroneckerOptimizer):
     # What this method takes from a model (guided_descent.routing): hidden matrices only.
     ROUTING = RoutingPolicy()
     STATE_NAME = "SOAP"
+    # State keys start with PREFIX; a variant (KL-SOAP, KL-Shampoo) names its own.
+    PREFIX: ClassVar[str] = PREFIX
+    FAILURES: ClassVar[str] = FAILURES
+    REFRESHED_AT: ClassVar[str] = REFRESHED_AT
+    # Whether the state holds Adam's rotated second moment ``exp_avg_sq`` (KL-Shampoo: no).
+    SECOND_MOMENT: ClassVar[bool] = True
+    # Whether the power step sorts the basis by its Rayleigh quotients (refresh_eigenbasis).
+    SORTED_REFRESH: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -183,7 +191,7 @@ class SOAP(KroneckerOptimizer):
             tiebreak=tiebreak,
             refresh_shift=refresh_shift,
         )
-        validate_hyperparams(PREFIX, defaults)
+        validate_hyperparams(self.PREFIX, defaults)
         adamw = adamw_defaults(
             adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, inherit=defaults
         )
@@ -193,7 +201,7 @@ class SOAP(KroneckerOptimizer):
         self, p: Tensor, group: Mapping[str, Any]
     ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
         shape = tuple(p.shape)
-        keys = ("step", "exp_avg", "exp_avg_sq", FAILURES)
+        keys = ("step", "exp_avg", "exp_avg_sq", self.FAILURES)
         shapes: dict[str, tuple[int, ...]] = {"exp_avg": shape, "exp_avg_sq": shape}
         stack = self._matrices(p, group)
         for _d, key, n in self._rotations(p, group):
@@ -208,9 +216,9 @@ class SOAP(KroneckerOptimizer):
         rotated = bool(self._factor_keys(p, group, state))
         return {
             "preconditioner": "eigenbasis" if rotated else None,
-            "preconditioner_age": refresh_age(state, REFRESHED_AT) if rotated else None,
+            "preconditioner_age": refresh_age(state, self.REFRESHED_AT) if rotated else None,
             "condition_number": self.worst_condition(p),
-            "failures": int(state.get(FAILURES, 0)),
+            "failures": int(state.get(self.FAILURES, 0)),
         }
 
     @staticmethod
@@ -230,9 +238,9 @@ class SOAP(KroneckerOptimizer):
         limit = group["max_precond_dim"]
         if stack is None:
             dims = rotated_dims(tuple(p.shape), limit)
-            return [(d, f"{PREFIX}.{factor_name(d, p.dim())}", p.shape[d]) for d in dims]
+            return [(d, f"{self.PREFIX}.{factor_name(d, p.dim())}", p.shape[d]) for d in dims]
         return [
-            (side, f"{PREFIX}.{name}", stack[side])
+            (side, f"{self.PREFIX}.{name}", stack[side])
             for side, name in ((1, "L"), (2, "R"))
             if 1 < stack[side] <= limit
         ]
@@ -242,8 +250,9 @@ class SOAP(KroneckerOptimizer):
         # On the parameter's device, so that a sync-free step updates it there.
         state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        state[FAILURES] = torch.zeros((), dtype=torch.int64, device=p.device)
+        if self.SECOND_MOMENT:
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state[self.FAILURES] = torch.zeros((), dtype=torch.int64, device=p.device)
         state["calls"] = 0  # gradients processed, counted on the host (the refresh schedule)
         stack = self._matrices(p, group)
         lead = () if stack is None else (stack[0],)
@@ -297,14 +306,12 @@ class SOAP(KroneckerOptimizer):
             if stack is not None:  # (count, m, n) views: one rotation per matrix
                 grad = grad.reshape(stack)
 
-            def statistic(d: int, grad: Tensor = grad, stack: Any = stack) -> Tensor:
-                return kronecker_factor(grad, d) if stack is None else matrix_factor(grad, d)
-
             if is_new and factors:
                 # First gradient: statistics and the first basis only (see the class docstring).
-                for d, key in factors:
-                    self._accumulate(state[key], statistic(d), shampoo_beta, ok)
-                    fresh.append((p, state, d, key))
+                self._accumulate_factors(
+                    group, state, grad, stack, factors, shampoo_beta, ok, first=True
+                )
+                fresh.extend((p, state, d, key) for d, key in factors)
                 self._observe(p, update_rms=grad.new_zeros(()))  # it did not move
                 continue
 
@@ -320,24 +327,16 @@ class SOAP(KroneckerOptimizer):
             else:
                 found = {d: state[f"{key}.basis"] for d, key in factors}
                 bases = MatrixBases(found.get(1), found.get(2))
-            update = soap_update(
-                grad,
-                state["exp_avg"] if stack is None else state["exp_avg"].view(stack),
-                state["exp_avg_sq"] if stack is None else state["exp_avg_sq"].view(stack),
-                bases,
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                step=state["step"] if sync_free else t,
-                ok=ok,
-            ).reshape(p.shape)
+            step = state["step"] if sync_free else t
+            update = self._direction(group, state, grad, stack, bases, step, ok).reshape(p.shape)
             self._observe(p, update_rms=rms(update, lr))
             consume(i, update)
             # After the step, so that this gradient is not used to rotate itself.
-            for d, key in factors:
-                self._accumulate(state[key], statistic(d), shampoo_beta, ok)
-                if t % group["precondition_frequency"] == 0:
-                    due.append((p, state, d, key))
+            self._accumulate_factors(
+                group, state, grad, stack, factors, shampoo_beta, ok, first=False
+            )
+            if t % group["precondition_frequency"] == 0:
+                due.extend((p, state, d, key) for d, key in factors)
 
         if sync_free:
             self._initial_bases_flagged(fresh, ok, group)
@@ -349,6 +348,68 @@ class SOAP(KroneckerOptimizer):
     def restore_counts(self, p: Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
         # Gradients processed: the Adam steps, plus the first gradient that built the bases.
         state["calls"] = int(state["step"].item()) + bool(self._factor_keys(p, group, state))
+
+    def _direction(
+        self,
+        group: Mapping[str, Any],
+        state: dict[str, Any],
+        grad: Tensor,
+        stack: tuple[int, int, int] | None,
+        bases: Any,
+        step: int | Tensor,
+        ok: Tensor | None,
+    ) -> Tensor:
+        """Advance the moments by ``grad`` (in the group's view: ``stack`` or the tensor) and
+        return the update in that view (SOAP: :func:`soap_update`)."""
+        beta1, beta2 = group["betas"]
+        return soap_update(
+            grad,
+            state["exp_avg"] if stack is None else state["exp_avg"].view(stack),
+            state["exp_avg_sq"] if stack is None else state["exp_avg_sq"].view(stack),
+            bases,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            step=step,
+            ok=ok,
+        )
+
+    def _accumulate_factors(
+        self,
+        group: Mapping[str, Any],
+        state: dict[str, Any],
+        grad: Tensor,
+        stack: tuple[int, int, int] | None,
+        factors: list[tuple[int, str]],
+        shampoo_beta: float,
+        ok: Tensor | None,
+        first: bool,
+    ) -> None:
+        """``F_i = shampoo_beta F_i + (1 - shampoo_beta) G_(i) G_(i)ᵀ`` for every rotated
+        dimension ``(i, key)`` of ``factors`` (``first``: the parameter's first gradient)."""
+        for d, key in factors:
+            statistic = kronecker_factor(grad, d) if stack is None else matrix_factor(grad, d)
+            self._accumulate(state[key], statistic, shampoo_beta, ok)
+
+    def _reorder(
+        self, state: dict[str, Any], d: int, key: str, b: int | None, order: Tensor, take: Any
+    ) -> None:
+        """Re-index what lives in the rotated coordinates of dimension ``d`` (SOAP: the second
+        moment) after its basis (matrix ``b`` of a stack, or ``None``) was re-ordered by
+        ``order``; ``take`` (a 0-d bool tensor) commits it on a sync-free step, ``None``: at
+        once."""
+        if b is None:
+            moment, dim = state["exp_avg_sq"], d
+        else:
+            # Matrix b of a (count, m, n) stack: its own rows or columns (dimension d - 1 of the
+            # matrix) of the rotated second moment.
+            count, n = state[key].shape[0], state[key].shape[-1]
+            shape = (count, n, -1) if d == 1 else (count, -1, n)
+            moment, dim = state["exp_avg_sq"].view(shape)[b], d - 1
+        if take is None:
+            permute_rotated_(moment, dim, order)
+        else:
+            commit_(moment, moment.index_select(dim, order), take)
 
     @staticmethod
     def _accumulate(F: Tensor, statistic: Tensor, shampoo_beta: float, ok: Tensor | None) -> None:
@@ -401,13 +462,13 @@ class SOAP(KroneckerOptimizer):
             if basis is None:  # keeps the identity basis it was created with
                 failed.add(id(p))
                 what = f"the eigendecomposition of {key}"
-                warn_failure(PREFIX, state, FAILURES, tuple(p.shape), what)
+                warn_failure(self.PREFIX, state, self.FAILURES, tuple(p.shape), what)
                 continue
             if b is None:
                 state[f"{key}.basis"] = basis
             else:
                 state[f"{key}.basis"][b] = basis
-        mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
+        mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, self.REFRESHED_AT)
 
     def _initial_bases_flagged(
         self, jobs: list[_BasisJob], ok: Tensor | None, group: Mapping[str, Any]
@@ -424,9 +485,9 @@ class SOAP(KroneckerOptimizer):
             target = state[f"{key}.basis"] if b is None else state[f"{key}.basis"][b]
             commit_(target, basis, take)
             failed = ~fine if ok is None else ~fine & ok
-            counter(state, FAILURES).add_(failed.to(torch.int64))
+            counter(state, self.FAILURES).add_(failed.to(torch.int64))
             done.append((p, state, take))
-        mark_refreshed_on_device(done, REFRESHED_AT)
+        mark_refreshed_on_device(done, self.REFRESHED_AT)
 
     def _refresh_bases_flagged(
         self, jobs: list[_BasisJob], ok: Tensor | None, group: Mapping[str, Any]
@@ -437,7 +498,7 @@ class SOAP(KroneckerOptimizer):
         slices = self._slices(jobs)
         bases = [Q for _j, _b, Q in self._slices(jobs, ".basis")]
         new_bases, orders, good, conditions = flagged_refresh_bases(
-            [F for _j, _b, F in slices], bases, group["refresh_shift"]
+            [F for _j, _b, F in slices], bases, group["refresh_shift"], self.SORTED_REFRESH
         )
         done = []
         for (j, b, _F), basis, order, fine, condition in zip(
@@ -445,20 +506,13 @@ class SOAP(KroneckerOptimizer):
         ):
             p, state, d, key = jobs[j]
             take = fine if ok is None else fine & ok
-            if b is None:
-                commit_(state[f"{key}.basis"], basis, take)
-                moment, dim = state["exp_avg_sq"], d
-            else:
-                commit_(state[f"{key}.basis"][b], basis, take)
-                count, n = state[key].shape[0], state[key].shape[-1]
-                shape = (count, n, -1) if d == 1 else (count, -1, n)
-                moment, dim = state["exp_avg_sq"].view(shape)[b], d - 1
-            commit_(moment, moment.index_select(dim, order), take)
+            commit_(state[f"{key}.basis"] if b is None else state[f"{key}.basis"][b], basis, take)
+            self._reorder(state, d, key, b, order, take)
             failed = ~fine if ok is None else ~fine & ok
-            counter(state, FAILURES).add_(failed.to(torch.int64))
+            counter(state, self.FAILURES).add_(failed.to(torch.int64))
             self.observe_condition(p, key if b is None else (key, b), condition)
             done.append((p, state, take))
-        mark_refreshed_on_device(done, REFRESHED_AT)
+        mark_refreshed_on_device(done, self.REFRESHED_AT)
 
     @staticmethod
     def _split_initial_bases(
@@ -491,34 +545,32 @@ class SOAP(KroneckerOptimizer):
         factors = [F for _j, _b, F in slices]
         bases = [Q for _j, _b, Q in self._slices(jobs, ".basis")]
         if split is None:
-            results = refresh_bases(factors, bases, group["refresh_shift"])
+            # SOAP calls it as it always has; only a variant passes sort=False.
+            unsorted = {} if self.SORTED_REFRESH else {"sort": False}
+            results = refresh_bases(factors, bases, group["refresh_shift"], **unsorted)
         else:
-            results = self._split_refresh_bases(factors, bases, split, group["refresh_shift"])
+            results = self._split_refresh_bases(
+                factors, bases, split, group["refresh_shift"], self.SORTED_REFRESH
+            )
         failed: set[int] = set()
         for (j, b, _F), result in zip(slices, results, strict=True):
             p, state, d, key = jobs[j]
             if not bool(result.ok):
                 failed.add(id(p))
                 what = f"the eigenbasis refresh of {key}"
-                warn_failure(PREFIX, state, FAILURES, tuple(p.shape), what)
+                warn_failure(self.PREFIX, state, self.FAILURES, tuple(p.shape), what)
                 continue
             if b is None:
                 state[f"{key}.basis"] = result.basis
-                permute_rotated_(state["exp_avg_sq"], d, result.order)
-                self.observe_condition(p, key, result.condition)
-            else:
-                # Matrix b of a (count, m, n) stack: its basis, and its own rows or columns
-                # (dimension d - 1 of the matrix) of the rotated second moment.
+            else:  # matrix b of a (count, m, n) stack
                 state[f"{key}.basis"][b] = result.basis
-                count, n = state[key].shape[0], state[key].shape[-1]
-                shape = (count, n, -1) if d == 1 else (count, -1, n)
-                permute_rotated_(state["exp_avg_sq"].view(shape)[b], d - 1, result.order)
-                self.observe_condition(p, (key, b), result.condition)
-        mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, REFRESHED_AT)
+            self._reorder(state, d, key, b, result.order, None)
+            self.observe_condition(p, key if b is None else (key, b), result.condition)
+        mark_refreshed(((p, state) for p, state, _d, _key in jobs), failed, self.REFRESHED_AT)
 
     @staticmethod
     def _split_refresh_bases(
-        factors: list[Tensor], bases: list[Tensor], split: WorkSplit, shift: float
+        factors: list[Tensor], bases: list[Tensor], split: WorkSplit, shift: float, sort: bool
     ) -> list[BasisRefresh]:
         """Each rank refreshes its share; every field of every refresh reaches every rank."""
         specs = []
@@ -535,7 +587,7 @@ class SOAP(KroneckerOptimizer):
 
         def compute(indices: list[int]) -> list[list[Tensor]]:
             results = refresh_bases(
-                [factors[i] for i in indices], [bases[i] for i in indices], shift
+                [factors[i] for i in indices], [bases[i] for i in indices], shift, sort
             )
             return [
                 [r.basis, r.order, r.ok, r.condition.to(factors[i].dtype)]

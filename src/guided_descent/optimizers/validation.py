@@ -201,6 +201,8 @@ CHECKS: dict[str, Check] = {
     "beta3_warmup": optional(positive_int("beta3_warmup")),
     "gamma": nonneg("gamma (MARS's variance-reduction strength)"),
     "clip_exponent": optional(nonneg("clip_exponent (ADOPT's clipping bound t**exponent)")),
+    "init_factor": optional(positive("init_factor (KL-Shampoo's initial eigenvalue estimate)")),
+    "inverse_root_clamp": optional(positive("inverse_root_clamp (KL-Shampoo's cap on d^-1/2)")),
     # K-FAC and natural gradient
     "damping": nonneg("damping"),
     "stat_decay": unit_interval("stat_decay"),

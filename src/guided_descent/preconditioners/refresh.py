@@ -112,9 +112,9 @@ def flagged_initial_bases(
 
 
 def _refresh(
-    factors: list[Tensor], bases: list[Tensor], shift: float = 0.0
+    factors: list[Tensor], bases: list[Tensor], shift: float = 0.0, sort: bool = True
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    results = refresh_bases(factors, bases, shift)
+    results = refresh_bases(factors, bases, shift, sort)
     return (
         [_fresh(r.basis) for r in results],
         [_fresh(r.order) for r in results],
@@ -125,13 +125,13 @@ def _refresh(
 
 @torch.library.custom_op("guided_descent::refresh_bases", mutates_args=())
 def _refresh_op(
-    factors: list[Tensor], bases: list[Tensor], shift: float
+    factors: list[Tensor], bases: list[Tensor], shift: float, sort: bool
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    return _refresh(factors, bases, shift)
+    return _refresh(factors, bases, shift, sort)
 
 
 @_refresh_op.register_fake
-def _(factors, bases, shift):
+def _(factors, bases, shift, sort):
     return (
         [torch.empty_like(F) for F in factors],
         [torch.empty(F.shape[0], dtype=torch.int64, device=F.device) for F in factors],
@@ -141,8 +141,8 @@ def _(factors, bases, shift):
 
 
 def flagged_refresh_bases(
-    factors: Sequence[Tensor], bases: Sequence[Tensor], shift: float = 0.0
+    factors: Sequence[Tensor], bases: Sequence[Tensor], shift: float = 0.0, sort: bool = True
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """``(bases, column orders, ok, condition estimates)`` of :func:`~..soap.refresh_bases`."""
     op = _refresh_op if torch.compiler.is_compiling() else _refresh
-    return op(list(factors), list(bases), float(shift))
+    return op(list(factors), list(bases), float(shift), bool(sort))

@@ -176,7 +176,7 @@ class BasisRefresh(NamedTuple):
 
 
 def refresh_bases(
-    factors: Sequence[Tensor], bases: Sequence[Tensor], shift: float = 0.0
+    factors: Sequence[Tensor], bases: Sequence[Tensor], shift: float = 0.0, sort: bool = True
 ) -> list[BasisRefresh]:
     """One :func:`refresh_eigenbasis` step per (factor, basis) pair, batched by size.
 
@@ -185,6 +185,7 @@ def refresh_bases(
     would normalize that noise into new, arbitrary basis vectors at every refresh; with the shift,
     those columns keep their previous directions instead. Convergence of the others slows only by
     the ratio ``(λ_i + s) / (λ_j + s)``. The condition estimates are those of ``F`` itself.
+    ``sort=False``: the unsorted power step (see :func:`refresh_eigenbasis`).
     """
     if len(factors) != len(bases):
         raise ValueError(f"refresh_bases: {len(factors)} factors but {len(bases)} bases")
@@ -200,6 +201,7 @@ def refresh_bases(
             stack,
             torch.stack([bases[i] for i in idx]),
             return_estimates=True,
+            sort=sort,
         )
         if amount is not None:
             estimates = estimates - amount
