@@ -101,10 +101,10 @@ PEERS: dict[str, Peer] = {
              _default_ctor("heavyball.Muon")),
         Peer("heavyball-soap", "heavyball", "heavyball.SOAP", "soap",
              _default_ctor("heavyball.SOAP")),
-        Peer("heavyball-klshampoo", "heavyball", "heavyball.KLShampoo", "shampoo",
+        Peer("heavyball-klshampoo", "heavyball", "heavyball.KLShampoo", "kl_shampoo",
              _default_ctor("heavyball.KLShampoo"),
-             note="heavyball has no plain Shampoo; KL-Shampoo (arXiv 2509.03378) is its Shampoo",
-             same_algorithm=False),
+             note="KL-Shampoo (arXiv 2509.03378); heavyball reads the eigenvalues off the "
+             "factor in the current basis and seeds the factors with 0.1·I"),
         Peer("heavyball-psgd", "heavyball", "heavyball.PSGDKron", "adamw",
              _default_ctor("heavyball.PSGDKron"), note="PSGD with Kronecker factors",
              same_algorithm=False),
