@@ -99,12 +99,24 @@ def matrix_power_from_eigh(
     """
     eps = damping(vals, eps, relative, relative_eps)
     vals = vals.clamp_min(0.0)
-    d = (vals + eps).pow(power)
+    # The power in float64, rounded once to the compute dtype: torch's float32 pow rounds an
+    # element differently depending on where it falls in the tensor (vectorized body or scalar
+    # tail), so a factor's root would depend on which other factors share its batch -- and a
+    # factor is batched with different ones on another rank or another refresh step.
+    d = (vals.double() + (eps.double() if isinstance(eps, Tensor) else eps)).pow(power)
+    d = d.to(vals.dtype)
     if not torch.isfinite(d).all():
         raise MatrixFunctionError(
             f"power {power} of an eigenvalue that is 0: pass eps > 0 (got eps={eps})"
         )
-    return (vecs * d.unsqueeze(-2)) @ vecs.mT
+    scaled = vecs * d.unsqueeze(-2)
+    if vecs.dim() == 2:
+        return scaled @ vecs.mT
+    # One product per matrix of a batch, for the same reason: a batched product can round a
+    # matrix differently from a product of that matrix alone (measured for 3x3 on this CPU).
+    n = vecs.shape[-1]
+    pairs = zip(scaled.reshape(-1, n, n), vecs.reshape(-1, n, n), strict=True)
+    return torch.stack([a @ v.mT for a, v in pairs]).reshape(vecs.shape)
 
 
 def condition_number(eigenvalues: Tensor) -> Tensor:

@@ -86,8 +86,8 @@ class KLSOAP(SOAP):
 
     Args:
         params, lr, betas, eps, weight_decay, shampoo_beta, precondition_frequency,
-        max_precond_dim, matrix_view, tiebreak, refresh_shift, adamw_*, on_nonfinite,
-        distributed: as :class:`~.soap.SOAP`.
+        stagger_refresh, max_precond_dim, matrix_view, tiebreak, refresh_shift, adamw_*,
+        on_nonfinite, distributed: as :class:`~.soap.SOAP`.
         init_factor: the eigenvalue estimates' starting value; ``None`` (default): from the
             first gradient (see "Initial estimates"); 0.1 is the authors'.
         inverse_root_clamp: ``d_i^(-1/2)`` is kept at most ``max(10, min(n_i, this))`` (a floor
@@ -117,6 +117,7 @@ class KLSOAP(SOAP):
         *,
         shampoo_beta: float | None = None,
         precondition_frequency: int = 10,
+        stagger_refresh: bool = True,
         max_precond_dim: int = 10000,
         matrix_view: str = "flatten",
         tiebreak: float = TIEBREAK,
@@ -138,6 +139,7 @@ class KLSOAP(SOAP):
             weight_decay=weight_decay,
             shampoo_beta=shampoo_beta,
             precondition_frequency=precondition_frequency,
+            stagger_refresh=stagger_refresh,
             max_precond_dim=max_precond_dim,
             matrix_view=matrix_view,
             tiebreak=tiebreak,

@@ -8,6 +8,10 @@ between ranks (:meth:`~KroneckerOptimizer.cost`) -- and inherits the rest:
 * collecting the gradients of a matrix group, refusing sparse ones;
 * applying each update as soon as it is known, ``W ← W (1 - lr wd) - lr U``, rounding once into
   the parameter's dtype, only where the device flag allows it on a sync-free step;
+* a **staggered refresh schedule** (:meth:`~KroneckerOptimizer.refresh_slot`): with
+  ``stagger_refresh`` on, each refresh unit (a Shampoo block, a SOAP parameter) gets an offset in
+  ``[0, precondition_frequency)``, balanced by cost over the group, so that the inverse roots or
+  bases are recomputed a share per step instead of all on one step;
 * FSDP2 (DTensor) parameters: each sharded parameter's whole state lives on one owner rank
   (a Kronecker preconditioner needs the full matrix); every rank sends its gradient shard to the
   owner, which computes the update exactly as on one process and sends each rank its shard back,
@@ -65,6 +69,62 @@ class KroneckerOptimizer(HybridOptimizer):
     def cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
         """Estimated FLOPs per step of ``p``'s update (balances owners between ranks)."""
         raise NotImplementedError
+
+    def refresh_costs(self, p: Tensor, group: Mapping[str, Any]) -> list[float]:
+        """Estimated FLOPs of one refresh of each of ``p``'s refresh units (Shampoo: one per
+        block; SOAP: one per parameter); ``[]`` when nothing of ``p`` is refreshed."""
+        raise NotImplementedError
+
+    def refresh_slot(self, p: Tensor, group: Mapping[str, Any], unit: int = 0) -> int:
+        """The offset in ``[0, precondition_frequency)`` of the refreshes of ``p``'s refresh unit
+        ``unit``: a unit refreshes on the steps ``t`` past the first refresh with ``t - first ≡
+        slot (mod precondition_frequency)``.
+
+        With ``stagger_refresh`` the units of the group are spread over the offsets by greedy
+        longest-processing-time balancing of :meth:`refresh_costs` (the one that shares work
+        between ranks), so no step pays for every refresh; it depends only on the group's shapes
+        and settings, hence is the same on every rank and after a resume. Off: 0 for all units,
+        the references' schedule."""
+        if not group.get("stagger_refresh", False) or int(group["precondition_frequency"]) <= 1:
+            return 0
+        if not torch.compiler.is_compiling():  # compiled: _init_group has placed them
+            self._place_slots(group)
+        return self._slots[p][unit]
+
+    def _place_slots(self, group: Mapping[str, Any]) -> None:
+        """Assign the refresh offsets of ``group``'s units (once per group layout; host work)."""
+        freq = int(group["precondition_frequency"])
+        params = group["params"]
+        key = (freq, tuple(id(q) for q in params))
+        if self._slot_keys.get(id(group)) == key:
+            return
+        units = [(q, c) for q in params for c in self.refresh_costs(q, group)]
+        owners = assign([c for _q, c in units], freq).owners if units else ()
+        for q in params:
+            self._slots[q] = []
+        for (q, _c), slot in zip(units, owners, strict=True):
+            self._slots[q].append(slot)
+        self._slot_keys[id(group)] = key
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        # Run eagerly under torch.compile (see HybridOptimizer._init_group): the offsets too.
+        super()._init_group(group)
+        if group["algorithm"] == self.ALGORITHM and group.get("stagger_refresh", False):
+            self._place_slots(group)
+
+    @property
+    def _slots(self) -> dict[Tensor, list[int]]:
+        # Keyed by the parameter itself (as ``state`` is), so a compiled step can look it up.
+        # Created on first use: subclasses' constructors need not know about it.
+        if "_refresh_slots" not in self.__dict__:
+            self.__dict__["_refresh_slots"] = {}
+            self.__dict__["_refresh_slot_keys"] = {}
+        return self.__dict__["_refresh_slots"]
+
+    @property
+    def _slot_keys(self) -> dict[int, tuple[Any, ...]]:
+        self._slots  # noqa: B018  # creates both
+        return self.__dict__["_refresh_slot_keys"]
 
     def matrix_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
         params = []

@@ -142,6 +142,11 @@ class Shampoo(KroneckerOptimizer):
             moment already averages).
         nesterov: Nesterov's look-ahead form of that momentum. Default False.
         precondition_frequency: steps between inverse-root refreshes. Default 10.
+        stagger_refresh: spread the blocks' inverse-root refreshes over the
+            ``precondition_frequency`` steps between refreshes, balanced by cost (every block
+            still refreshes once per period; all of them at the first refresh), so that no step
+            pays for all roots at once. Default True; False: every root on the same step, as the
+            references do.
         start_preconditioning_step: first step that uses the Shampoo direction; earlier steps
             take the graft's update (the factors accumulate from step 1). Default ``None``: the
             first refresh, ``precondition_frequency`` (Distributed Shampoo's default).
@@ -194,6 +199,7 @@ class Shampoo(KroneckerOptimizer):
         momentum: float = 0.0,
         nesterov: bool = False,
         precondition_frequency: int = 10,
+        stagger_refresh: bool = True,
         start_preconditioning_step: int | None = None,
         max_preconditioner_dim: int = 1024,
         max_factor_dim: int = 4096,
@@ -217,6 +223,7 @@ class Shampoo(KroneckerOptimizer):
             momentum=momentum,
             nesterov=nesterov,
             precondition_frequency=precondition_frequency,
+            stagger_refresh=stagger_refresh,
             start_preconditioning_step=start_preconditioning_step,
             max_preconditioner_dim=max_preconditioner_dim,
             max_factor_dim=max_factor_dim,
@@ -340,13 +347,16 @@ class Shampoo(KroneckerOptimizer):
                         f"max_factor_dim/matrix_view give {len(layout.blocks)}; they cannot change "
                         "mid-run"
                     )
-                refresh = t >= start and (t - start) % group["precondition_frequency"] == 0
+                freq = group["precondition_frequency"]
                 for b, block in enumerate(layout.blocks):
                     if not block.preconditioned:
                         continue
                     factors = [state[key][b] for key in keys]
                     accumulate_factors_(factors, grad[block.index], beta2, ok)
-                    if refresh:
+                    # Every block at the first refresh, then each on its own offset.
+                    if t == start or (
+                        t > start and (t - start) % freq == self.refresh_slot(p, group, b)
+                    ):
                         for key, F in zip(keys, factors, strict=True):
                             if F is not None:
                                 due.append((p, state, key, b, F, block.root))
@@ -396,6 +406,17 @@ class Shampoo(KroneckerOptimizer):
                     cost += 4.0 * block_numel * n
                     cost += inverse_root_flops(n) / group["precondition_frequency"]
         return cost
+
+    def refresh_costs(self, p: Tensor, group: Mapping[str, Any]) -> list[float]:
+        """One refresh unit per block: the inverse roots of its dense factors."""
+        return [
+            sum(
+                inverse_root_flops(n)
+                for n, kind in zip(block.shape, block.kinds, strict=True)
+                if kind == FULL
+            )
+            for block in self._layout(p, group).blocks
+        ]
 
     def _refresh_roots(
         self,

@@ -109,6 +109,10 @@ class SOAP(KroneckerOptimizer):
         weight_decay: decoupled weight decay, multiplied by ``lr``. Default 0.01.
         shampoo_beta: EMA coefficient of the factors; ``None`` (default) uses ``beta2``.
         precondition_frequency: Adam steps between eigenbasis refreshes. Default 10.
+        stagger_refresh: spread the parameters' basis refreshes over the
+            ``precondition_frequency`` steps between refreshes, balanced by cost (each parameter
+            still refreshes once per period), so that no step pays for all of them. Default
+            True; False: every basis on the same step, as the references do.
         max_precond_dim: dimensions longer than this keep the identity basis. Default 10000;
             0 turns SOAP into AdamW.
         tiebreak: how far apart (relative to ``‖F‖``) two eigen-directions must be for the
@@ -167,6 +171,7 @@ class SOAP(KroneckerOptimizer):
         *,
         shampoo_beta: float | None = None,
         precondition_frequency: int = 10,
+        stagger_refresh: bool = True,
         max_precond_dim: int = 10000,
         matrix_view: str = "flatten",
         tiebreak: float = TIEBREAK,
@@ -186,6 +191,7 @@ class SOAP(KroneckerOptimizer):
             weight_decay=weight_decay,
             shampoo_beta=shampoo_beta,
             precondition_frequency=precondition_frequency,
+            stagger_refresh=stagger_refresh,
             max_precond_dim=max_precond_dim,
             matrix_view=matrix_view,
             tiebreak=tiebreak,
@@ -335,7 +341,8 @@ class SOAP(KroneckerOptimizer):
             self._accumulate_factors(
                 group, state, grad, stack, factors, shampoo_beta, ok, first=False
             )
-            if t % group["precondition_frequency"] == 0:
+            freq = group["precondition_frequency"]
+            if t >= freq and (t - self.refresh_slot(p, group)) % freq == 0:
                 due.extend((p, state, d, key) for d, key in factors)
 
         if sync_free:
@@ -417,6 +424,15 @@ class SOAP(KroneckerOptimizer):
             F.lerp_(statistic, 1.0 - shampoo_beta)
         else:
             commit_(F, F.lerp(statistic, 1.0 - shampoo_beta), ok)
+
+    def refresh_costs(self, p: Tensor, group: Mapping[str, Any]) -> list[float]:
+        """One refresh unit per parameter: the power steps of all its rotated dimensions."""
+        rotations = self._rotations(p, group)
+        if not rotations:
+            return []
+        stack = self._matrices(p, group)
+        count = 1 if stack is None else stack[0]
+        return [sum(count * qr_refresh_flops(n) for _d, _key, n in rotations)]
 
     def cost(self, p: Tensor, group: Mapping[str, Any]) -> float:
         """Estimated FLOPs per step of a parameter's update: four mode products with each

@@ -181,6 +181,7 @@ CHECKS: dict[str, Check] = {
     "beta2": unit_interval("beta2 (NorMuon's / AdaMuon's second-moment decay)"),
     # Shampoo and SOAP
     "precondition_frequency": positive_int("precondition_frequency"),
+    "stagger_refresh": _boolean("stagger_refresh"),
     "start_preconditioning_step": optional(positive_int("start_preconditioning_step")),
     "max_preconditioner_dim": positive_int("max_preconditioner_dim"),
     "max_factor_dim": positive_int("max_factor_dim"),
