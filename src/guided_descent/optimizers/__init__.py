@@ -5,6 +5,7 @@ from guided_descent.optimizers import first_order as _first_order  # noqa: F401
 from guided_descent.optimizers import kfac as _kfac  # noqa: F401
 from guided_descent.optimizers import muon as _muon  # noqa: F401
 from guided_descent.optimizers import natural_gradient as _natural_gradient  # noqa: F401
+from guided_descent.optimizers import psgd as _psgd  # noqa: F401
 from guided_descent.optimizers import shampoo as _shampoo  # noqa: F401
 from guided_descent.optimizers import soap as _soap  # noqa: F401
 from guided_descent.optimizers.checkpoint import (
