@@ -334,8 +334,8 @@ class PSGDKron(KroneckerOptimizer):
             m_hat = (new_m / bias_correction(beta, taken)).reshape(batched)
             factors = [state[k] if count is not None else state[k].unsqueeze(0) for k in keys]
             if fit_due(group["preconditioner_update_probability"], t):
-                target = m_hat if group["momentum_into_precondition_update"] else (
-                    grad.reshape(batched)
+                target = (
+                    m_hat if group["momentum_into_precondition_update"] else (grad.reshape(batched))
                 )
                 key = probe_key(group["seed"], index, positions[id(p)])
                 # The probe is keyed by the step tensor: a skipped sync-free step does not move

@@ -317,8 +317,10 @@ class UpdateSchedule:
             raise ValueError(
                 f"UpdateSchedule: decay must be a finite number >= 0, got {self.decay!r}"
             )
-        if isinstance(self.flat_start, bool) or not isinstance(self.flat_start, int) or (
-            self.flat_start < 0
+        if (
+            isinstance(self.flat_start, bool)
+            or not isinstance(self.flat_start, int)
+            or (self.flat_start < 0)
         ):
             raise ValueError(
                 f"UpdateSchedule: flat_start must be an integer >= 0, got {self.flat_start!r}"
