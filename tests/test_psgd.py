@@ -100,7 +100,12 @@ def run_ours(dtype: torch.dtype, weight_decay: float) -> list[torch.Tensor]:
         {"params": params[2:], "algorithm": "psgd_kron", "weight_decay": 0.0},
     ]
     opt = PSGDKron(
-        groups, lr=0.05, momentum=0.9, preconditioner_update_probability=1.0, seed=PSGD_SEED
+        groups,
+        lr=0.05,
+        momentum=0.9,
+        preconditioner_update_probability=1.0,
+        precondition_init_scale=1.0,  # pytorch_optimizer's (ours defaults to Li's heuristic)
+        seed=PSGD_SEED,
     )
     for step in range(1, STEPS + 1):
         for p, g in zip(params, gradients(step, dtype), strict=True):
@@ -407,10 +412,22 @@ def test_large_dimensions_and_memory_save_mode_get_diagonal_factors():
 
 def test_the_update_is_clipped_to_rms_1_1():
     w = nn.Parameter(torch.zeros(4, 4))
-    opt = PSGDKron([w], lr=1.0, momentum=0.0)
+    opt = PSGDKron([w], lr=1.0, momentum=0.0, precondition_init_scale=1.0)
     w.grad = torch.full((4, 4), 1e3)
     opt.step()
     assert w.detach().square().mean().sqrt().item() == pytest.approx(1.1, rel=1e-5)
+
+
+def test_the_initial_scale_follows_the_first_gradient():
+    g = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    qs = P.initial_factors((4, 3), (True, False), 1.0, torch.float64, torch.device("cpu"), 1)
+    P.initial_scale_(qs, g)
+    product = torch.kron(qs[0][0], torch.diag(qs[1][0]))
+    expected = g.pow(4).mean() ** (-1 / 8) * torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(product, expected, rtol=1e-14, atol=0)
+    zero = P.initial_factors((4, 3), (True, False), 1.0, torch.float64, torch.device("cpu"), 1)
+    P.initial_scale_(zero, torch.zeros_like(g))  # no information: left at the identity
+    assert torch.equal(zero[0][0], torch.eye(4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

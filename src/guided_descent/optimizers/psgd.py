@@ -9,6 +9,7 @@ this module is the ``torch.optim`` shell and the registry entry.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from guided_descent.preconditioners.psgd import (
     dense_dims,
     fit_due,
     initial_factors,
+    initial_scale_,
     precondition,
     probe,
     probe_key,
@@ -45,10 +47,21 @@ FITS = f"{PREFIX}.fits"
 SEED = 0x5EED
 
 
+def _stored_probability(value: Any) -> Any:
+    """A schedule as the mapping of its fields: param groups keep plain values, so that a state
+    dict loads with ``torch.load(weights_only=True)``."""
+    return asdict(value) if isinstance(value, UpdateSchedule) else value
+
+
 def _check_psgd_options(owner: str, group: Mapping[str, Any]) -> None:
     """PSGD's own keys (the shared ones -- lr, momentum, weight_decay, matrix_view -- are checked
     by ``validation.CHECKS``)."""
     prob = group.get("preconditioner_update_probability")
+    if isinstance(prob, Mapping):
+        try:
+            prob = UpdateSchedule(**prob)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{owner}: preconditioner_update_probability: {err}") from None
     if not isinstance(prob, UpdateSchedule) and (
         isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0
     ):
@@ -58,6 +71,8 @@ def _check_psgd_options(owner: str, group: Mapping[str, Any]) -> None:
         )
     for key in ("precondition_lr", "precondition_init_scale"):
         value = group.get(key)
+        if value is None and key == "precondition_init_scale":
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{owner}: {key} must be a number > 0, got {value!r}")
     if not 0 < group.get("precondition_lr", 1.0) < 2:
@@ -97,6 +112,7 @@ class PSGDKron(KroneckerOptimizer):
     or diagonal: see ``max_size_triangular``, ``memory_save_mode``), ``Q = ⊗ Q_i``::
 
         m = beta m + (1 - beta) G;   M = m / (1 - beta^t)                  momentum
+        at t = 1 (precondition_init_scale None):  Q_i ← (mean M⁴)^(-1/8k) Q_i
         if the schedule fits at t:  V = probe(seed, parameter, t) ~ N(0, I)
             rebalance the Q_i (powers of two, Q unchanged), then fit every Q_i on (M, V):
             Q_i ← Q_i - precondition_lr · triu(A_(i)A_(i)ᵀ - B_(i)B_(i)ᵀ) / ‖...+...‖ · Q_i,
@@ -124,6 +140,8 @@ class PSGDKron(KroneckerOptimizer):
       dampening, initial scale from the gradient) are not included.
     * **Weight decay** is decoupled and applies to every parameter of the group (the references
       skip vectors; here vectors go to AdamW unless a group is tagged ``"psgd_kron"``).
+    * **Initial scale**: ``None`` (Li's heuristic from the first gradient, heavyball's default
+      too, though heavyball takes a further square root), where pytorch_optimizer starts at 1.
     * **Vectors and scalars** of a tagged group take the diagonal path (every factor diagonal),
       as in the references.
 
@@ -136,10 +154,15 @@ class PSGDKron(KroneckerOptimizer):
         weight_decay: decoupled weight decay, multiplied by ``lr``. Default 0.
         preconditioner_update_probability: a constant in [0, 1] or an
             :class:`~guided_descent.preconditioners.psgd.UpdateSchedule` (default: the
-            references' schedule, spent deterministically).
+            references' schedule, spent deterministically). A param group keeps a schedule as
+            the dict of its fields (plain values: ``torch.load(weights_only=True)`` reads it).
         precondition_lr: step size of the fit on the Lie group, in (0, 2). Default 0.1.
         precondition_init_scale: the initial ``Q = scale · I`` (each factor ``scale^(1/k) I``).
-            Default 1.
+            ``None`` (default): Li's ``psgd_torch`` heuristic ``scale = (mean M⁴)^(-1/8)`` from
+            the first step's ``M``, so that the first updates have about unit entries (1 where
+            ``M`` is zero); pytorch_optimizer's ``Kron`` uses 1. Measured on the model-zoo
+            models (loss after 60 steps / first loss): 0.36-0.97 with ``None``, 0.45-0.99
+            with 1.
         max_size_triangular: dimensions longer than this get a diagonal factor. Default 8192.
         min_ndim_triangular: tensors with fewer dimensions get diagonal factors only. Default 2.
         memory_save_mode: ``None`` (default), ``"one_diag"`` (the longest dimension diagonal),
@@ -180,7 +203,7 @@ class PSGDKron(KroneckerOptimizer):
         *,
         preconditioner_update_probability: float | UpdateSchedule = UpdateSchedule(),  # noqa: B008
         precondition_lr: float = 0.1,
-        precondition_init_scale: float = 1.0,
+        precondition_init_scale: float | None = None,
         max_size_triangular: int = 8192,
         min_ndim_triangular: int = 2,
         memory_save_mode: str | None = None,
@@ -200,7 +223,9 @@ class PSGDKron(KroneckerOptimizer):
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,
-            preconditioner_update_probability=preconditioner_update_probability,
+            preconditioner_update_probability=_stored_probability(
+                preconditioner_update_probability
+            ),
             precondition_lr=precondition_lr,
             precondition_init_scale=precondition_init_scale,
             max_size_triangular=max_size_triangular,
@@ -221,6 +246,12 @@ class PSGDKron(KroneckerOptimizer):
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
         _check_psgd_options(owner, group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        key = "preconditioner_update_probability"
+        if isinstance(param_group.get(key), UpdateSchedule):
+            param_group = {**param_group, key: _stored_probability(param_group[key])}
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------------------ layout
 
@@ -279,7 +310,7 @@ class PSGDKron(KroneckerOptimizer):
         state[FITS] = torch.zeros((), dtype=torch.int64, device=p.device)
         state["calls"] = 0  # steps attempted, counted on the host (the fit schedule)
         factors = initial_factors(
-            shape, dense, group["precondition_init_scale"], dtype, p.device, count
+            shape, dense, group["precondition_init_scale"] or 1.0, dtype, p.device, count
         )
         for key, q in zip(keys, factors, strict=True):
             state[key] = q
@@ -341,6 +372,8 @@ class PSGDKron(KroneckerOptimizer):
                 # The probe is keyed by the step tensor: a skipped sync-free step does not move
                 # the stream, so the next step draws what a host-decided run draws.
                 v = probe(batched, key, state["step"], m_hat.dtype, m_hat.device)
+                if group["precondition_init_scale"] is None and state["calls"] == 1:
+                    initial_scale_(factors, target, ok)
                 balance_(factors, ok)
                 update_factors_(factors, target, v, group["precondition_lr"], ok)
                 count_(state[FITS], ok)

@@ -24,8 +24,9 @@ invertible. ``‖·‖`` of a dense ``T1 + T2`` is a cheap lower bound of its sp
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -95,6 +96,17 @@ def initial_factors(
             q = torch.full((*lead, n), per, dtype=dtype, device=device)
         out.append(q)
     return out
+
+
+def initial_scale_(factors: list[Tensor], g: Tensor, ok: Tensor | None = None) -> None:
+    """Scale factors that start at ``I`` so that ``Q = (mean g⁴)^(-1/8) I`` (Li's ``psgd_torch``
+    heuristic): ``QᵀQ g`` then has entries of about unit size from the first step. Where ``g``
+    is all zero (or not finite) the factors stay as they are."""
+    scale = g.square().square().mean().pow(-1.0 / 8)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    per = scale.pow(1.0 / len(factors))
+    for q in factors:
+        commit_(q, q * per, ok)
 
 
 # --- applying factors along one dimension --------------------------------------------------------
@@ -356,9 +368,12 @@ class UpdateSchedule:
 _CUMULATIVE: dict[UpdateSchedule, list[float]] = {}
 
 
-def fit_due(probability: float | UpdateSchedule, t: int) -> bool:
+def fit_due(probability: float | UpdateSchedule | Mapping[str, Any], t: int) -> bool:
     """Whether step ``t`` (1-based) fits the factors: a constant probability ``p`` fits when
-    ``p · t`` crosses an integer (``p = 1``: every step), a schedule as it says."""
+    ``p · t`` crosses an integer (``p = 1``: every step), a schedule (or the mapping of its
+    fields that a param group keeps) as it says."""
+    if isinstance(probability, Mapping):
+        probability = UpdateSchedule(**probability)
     if isinstance(probability, UpdateSchedule):
         return probability.due(t)
     return int(probability * t) > int(probability * (t - 1))
