@@ -17,7 +17,7 @@ from torch import nn
 
 import guided_descent as gd
 
-NAMES = ("lion", "muon", "shampoo", "soap")
+NAMES = ("lion", "muon", "shampoo", "soap", "psgd_kron")
 # Small refresh intervals so that a few steps cross preconditioner refreshes.
 HYPER = {"shampoo": {"precondition_frequency": 2}, "soap": {"precondition_frequency": 2}}
 # Muon orthogonalizes in float32 by default whatever the parameters' dtype.
