@@ -425,6 +425,15 @@ def test_the_initial_scale_follows_the_first_gradient():
     product = torch.kron(qs[0][0], torch.diag(qs[1][0]))
     expected = g.pow(4).mean() ** (-1 / 8) * torch.eye(12, dtype=torch.float64)
     torch.testing.assert_close(product, expected, rtol=1e-14, atol=0)
+    for size in (1e-12, 1e12):  # g⁴ would underflow / overflow float32
+        qs32 = P.initial_factors((4, 3), (True, False), 1.0, torch.float32, torch.device("cpu"), 1)
+        P.initial_scale_(qs32, (g * size).float())
+        torch.testing.assert_close(
+            qs32[0][0, 0, 0].double() * qs32[1][0, 0].double(),
+            g.pow(4).mean() ** (-1 / 8) / math.sqrt(size),
+            rtol=1e-5,  # a dozen float32 roundings
+            atol=0,
+        )
     zero = P.initial_factors((4, 3), (True, False), 1.0, torch.float64, torch.device("cpu"), 1)
     P.initial_scale_(zero, torch.zeros_like(g))  # no information: left at the identity
     assert torch.equal(zero[0][0], torch.eye(4, dtype=torch.float64))

@@ -102,7 +102,10 @@ def initial_scale_(factors: list[Tensor], g: Tensor, ok: Tensor | None = None) -
     """Scale factors that start at ``I`` so that ``Q = (mean g⁴)^(-1/8) I`` (Li's ``psgd_torch``
     heuristic): ``QᵀQ g`` then has entries of about unit size from the first step. Where ``g``
     is all zero (or not finite) the factors stay as they are."""
-    scale = g.square().square().mean().pow(-1.0 / 8)
+    # Through the largest entry a: (mean g⁴)^(-1/8) = (mean (g/a)⁴)^(-1/8) · a^(-1/2), so that
+    # g⁴ neither underflows (gradients of 1e-10) nor overflows (1e10) in float32.
+    top = g.abs().amax()
+    scale = (g / top).square().square().mean().pow(-1.0 / 8) * top.rsqrt()
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
     per = scale.pow(1.0 / len(factors))
     for q in factors:
