@@ -439,6 +439,18 @@ def test_the_initial_scale_follows_the_first_gradient():
     assert torch.equal(zero[0][0], torch.eye(4, dtype=torch.float64))
 
 
+def test_the_initial_scale_is_set_at_the_first_step_even_without_a_fit():
+    w = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+    opt = PSGDKron([w], preconditioner_update_probability=0.25)  # first fit at step 4
+    w.grad = torch.arange(1.0, 7.0, dtype=torch.float64).reshape(3, 2)
+    opt.step()
+    state = opt.state[w]
+    assert state["psgd.fits"].item() == 0
+    product = torch.kron(state["psgd.L"], state["psgd.R"])
+    expected = w.grad.pow(4).mean() ** (-1 / 8) * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(product, expected, rtol=1e-14, atol=1e-300)
+
+
 @pytest.mark.parametrize(
     "key, bad",
     [
