@@ -30,7 +30,7 @@ import guided_descent as gd
 from guided_descent.routing import route
 
 NAMES = list(gd.optimizers())
-MATRIX = ("muon", "shampoo", "soap")
+MATRIX = ("muon", "shampoo", "soap", "psgd_kron")
 VOCAB, CTX, D = 24, 8, 16
 
 
