@@ -302,6 +302,11 @@ def test_probes_are_standard_normal_and_independent():
     assert abs((v**4).mean().item() - 3) < 5 * math.sqrt(96) * se  # kurtosis of a normal
     for other in (w, u, v.roll(1)):
         assert abs((v * other).mean().item()) < 5 * se
+    # Kolmogorov-Smirnov against the normal CDF: 1.95/√n is the 0.1 % critical value.
+    ordered = v.sort().values
+    cdf = 0.5 * (1 + torch.erf(ordered / math.sqrt(2)))
+    empirical = torch.arange(1, n + 1, dtype=torch.float64) / n
+    assert (cdf - empirical).abs().max().item() < 1.95 * se
 
 
 def test_probes_depend_on_key_and_step_only():
