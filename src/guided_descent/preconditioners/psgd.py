@@ -361,7 +361,7 @@ def _probability(max_prob: float, min_prob: float, decay: float, flat_start: int
 
 
 def _accumulated(max_prob: float, min_prob: float, decay: float, flat_start: int, t: int) -> float:
-    """``Σ_{n<t} p(n)`` in closed form: a pure function of numbers (no cache, no loop), so
+    """``Σ_{n<t} p(n)`` in closed form: a pure function of numbers (no cache, no state), so
     that ``torch.compile`` folds it on the host's step count like any arithmetic.
 
     ``p(n) = max_prob`` for ``n <= flat_start``, ``max_prob e^(-decay k)`` at ``k = n -
