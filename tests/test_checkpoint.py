@@ -76,7 +76,7 @@ def test_other_number_of_parameters_names_the_group():
         gd.create("adam", model).load_state_dict(adam.state_dict())
 
 
-@pytest.mark.parametrize("name", ["muon", "shampoo", "soap", "kfac"])
+@pytest.mark.parametrize("name", ["muon", "shampoo", "soap", "kfac", "psgd_kron"])
 def test_matrix_methods_check_their_factor_shapes(name):
     _, opt = trained(name, steps=2)
     model = make_model()

@@ -53,7 +53,7 @@ CFG = GPTConfig(vocab_size=32, context=8, n_layer=1, n_head=2, d_model=16)
 BATCH = 8  # global batch (sequences); each rank takes BATCH // WORLD
 STEPS = 20
 TOLERANCE = 1e-5  # relative, float32
-MATRIX = ("muon", "shampoo", "soap", "kl_shampoo", "kl_soap")
+MATRIX = ("muon", "shampoo", "soap", "kl_shampoo", "kl_soap", "psgd_kron")
 # Refresh often enough that 20 steps see several refreshes.
 HYPER: dict[str, dict[str, Any]] = {
     "shampoo": {"precondition_frequency": 3},
@@ -329,6 +329,8 @@ CKPT_CASES = [
     ("fsdp2", "muon"),
     ("fsdp2", "shampoo"),
     ("fsdp2", "soap"),
+    ("ddp", "psgd_kron"),
+    ("fsdp2", "psgd_kron"),
 ]
 
 

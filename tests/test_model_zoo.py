@@ -30,7 +30,7 @@ import guided_descent as gd
 from guided_descent.routing import route
 
 NAMES = list(gd.optimizers())
-MATRIX = ("muon", "shampoo", "soap", "kl_shampoo", "kl_soap")
+MATRIX = ("muon", "shampoo", "soap", "kl_shampoo", "kl_soap", "psgd_kron")
 VOCAB, CTX, D = 24, 8, 16
 
 
@@ -321,6 +321,9 @@ MARGIN = 0.97
 SLOW = {("lion", c): 1.01 for c in CASES} | {
     (n, "lstm-lm"): 0.999 for n in ("sgd", "momentum", "nesterov", "schedulefree_sgd")
 }
+# PSGD Kron on the LSTM: 0.970 (AdamW 0.945). Its dense triangular factors start at a multiple of
+# the identity and are fitted at 0.1 per step; with diagonal factors ("all_diag") it reaches 0.935.
+SLOW[("psgd_kron", "lstm-lm")] = 0.99
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -19,7 +19,7 @@ from torch import nn
 
 import guided_descent as gd
 
-KRONECKER = ("shampoo", "soap", "kfac", "kl_shampoo", "kl_soap")
+KRONECKER = ("shampoo", "soap", "kfac", "kl_shampoo", "kl_soap", "psgd_kron")
 LIMIT = 1e-3  # relative change of the displacement after the steps
 NOISE = 1e-7  # relative perturbation of every gradient entry, about one float32 rounding
 

@@ -17,7 +17,10 @@ from torch import nn
 
 import guided_descent as gd
 
-NAMES = ("lion", "muon", "shampoo", "soap", "kl_shampoo", "kl_soap", "ademamix", "mars", "adopt")
+NAMES = (
+    "lion", "muon", "shampoo", "soap", "kl_shampoo", "kl_soap", "psgd_kron", "ademamix", "mars",
+    "adopt",
+)
 # Small refresh intervals so that a few steps cross preconditioner refreshes.
 HYPER = {
     name: {"precondition_frequency": 2} for name in ("shampoo", "soap", "kl_shampoo", "kl_soap")

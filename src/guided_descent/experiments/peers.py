@@ -105,18 +105,19 @@ PEERS: dict[str, Peer] = {
              _default_ctor("heavyball.KLShampoo"),
              note="KL-Shampoo (arXiv 2509.03378); heavyball reads the eigenvalues off the "
              "factor in the current basis and seeds the factors with 0.1·I"),
-        Peer("heavyball-psgd", "heavyball", "heavyball.PSGDKron", "adamw",
-             _default_ctor("heavyball.PSGDKron"), note="PSGD with Kronecker factors",
-             same_algorithm=False),
+        Peer("heavyball-psgd", "heavyball", "heavyball.PSGDKron", "psgd_kron",
+             _default_ctor("heavyball.PSGDKron"),
+             note="PSGD Kron; heavyball's own fit schedule (flat 1000 steps, then 0.999^n) and "
+             "elementwise update clipping"),
         Peer("pto-muon", "pytorch_optimizer", "pytorch_optimizer.Muon", "muon", _pto_muon),
         Peer("pto-soap", "pytorch_optimizer", "pytorch_optimizer.SOAP", "soap",
              _default_ctor("pytorch_optimizer.SOAP")),
         Peer("pto-shampoo", "pytorch_optimizer", "pytorch_optimizer.Shampoo", "shampoo",
              _default_ctor("pytorch_optimizer.Shampoo"),
              note="the original Shampoo: inverse roots every step, no grafting"),
-        Peer("pto-psgd", "pytorch_optimizer", "pytorch_optimizer.Kron", "adamw",
-             _default_ctor("pytorch_optimizer.Kron"), note="PSGD with Kronecker factors",
-             same_algorithm=False),
+        Peer("pto-psgd", "pytorch_optimizer", "pytorch_optimizer.Kron", "psgd_kron",
+             _default_ctor("pytorch_optimizer.Kron"),
+             note="PSGD Kron; random fits, initial scale 1 (ours: from the first gradient)"),
     )
 }
 

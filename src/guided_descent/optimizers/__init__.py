@@ -14,6 +14,7 @@ from guided_descent.optimizers import kfac as _kfac  # noqa: F401
 from guided_descent.optimizers import muon as _muon  # noqa: F401
 from guided_descent.optimizers import natural_gradient as _natural_gradient  # noqa: F401
 from guided_descent.optimizers import prodigy as _prodigy  # noqa: F401
+from guided_descent.optimizers import psgd as _psgd  # noqa: F401
 from guided_descent.optimizers import schedule_free as _schedule_free  # noqa: F401
 from guided_descent.optimizers import shampoo as _shampoo  # noqa: F401
 from guided_descent.optimizers import soap as _soap  # noqa: F401
