@@ -181,8 +181,10 @@ def orthogonalize(
     out: list[Tensor | None] = [None] * len(updates)
     for (m, n, device), members in buckets.items():
         compute = default_compute_dtype(device, (m, n)) if dtype is None else dtype
-        # (count_i, m, n) each -> (sum count_i, m, n) in the compute dtype; one copy per step.
-        stacked = torch.cat([updates[i].to(compute).reshape(-1, m, n) for i in members])
+        # (count_i, m, n) each -> (sum count_i, m, n) in the compute dtype; one copy per step. A
+        # bucket of one goes in as it is (newton_schulz copies it on its own: no second copy).
+        parts = [updates[i].reshape(-1, m, n) for i in members]
+        stacked = parts[0] if len(parts) == 1 else torch.cat([x.to(compute) for x in parts])
         orth = newton_schulz(stacked, steps, coefficients, dtype=compute, eps=eps)
         counts = [views[i][0] for i in members]
         for i, part in zip(members, orth.split(counts), strict=True):
