@@ -298,7 +298,11 @@ class SOAP(KroneckerOptimizer):
                 grad = grad.reshape(stack)
 
             def statistic(d: int, grad: Tensor = grad, stack: Any = stack) -> Tensor:
-                return kronecker_factor(grad, d) if stack is None else matrix_factor(grad, d)
+                if stack is not None:
+                    return matrix_factor(grad, d)
+                if grad.dim() == 2:  # G Gᵀ or Gᵀ G: kronecker_factor's value without its copies
+                    return matrix_factor(grad, d + 1)
+                return kronecker_factor(grad, d)
 
             if is_new and factors:
                 # First gradient: statistics and the first basis only (see the class docstring).
