@@ -142,9 +142,21 @@ def soap_update(
         commit_(exp_avg, m, ok)
         commit_(exp_avg_sq, v, ok)
     denom = v.sqrt().div_(bias_correction(beta2, step) ** 0.5).add_(eps)
-    # Out of place: with the identity on every side, project() returns a view of exp_avg.
-    rotated_step = project(m, bases) / bias_correction(beta1, step) / denom
-    return project_back(rotated_step, bases)
+    rotated = project(m, bases)
+    # In place where project() made a new tensor (the same two roundings, two allocations fewer);
+    # with the identity on every side it returns a view of exp_avg, which must not change.
+    if _identity(bases):
+        rotated = rotated / bias_correction(beta1, step)
+    else:
+        rotated = rotated.div_(bias_correction(beta1, step))
+    return project_back(rotated.div_(denom), bases)
+
+
+def _identity(bases: Bases) -> bool:
+    """Whether every side of ``bases`` is the identity (``None``)."""
+    if isinstance(bases, MatrixBases):
+        return bases.left is None and bases.right is None
+    return all(Q is None for Q in bases)
 
 
 def tiebroken(F: Tensor, tiebreak: float) -> Tensor:
