@@ -12,7 +12,6 @@ default) or one triple per step (:data:`POLAR_EXPRESS`).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Sequence
@@ -149,13 +148,25 @@ def _cpuinfo_flags() -> set[str]:
     return set()
 
 
-@functools.cache
 def cpu_bf16_matmul() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware: AMX-BF16 or AVX512-BF16 present,
     oneDNN built in and enabled, and not capped below those instructions by
     ``DNNL_MAX_CPU_ISA`` / ``ONEDNN_MAX_CPU_ISA``. Decided once per process, from flags only:
     a timing probe would make the compute dtype -- hence the results -- depend on the machine's
-    load when the run started."""
+    load when the run started.
+
+    Kept in a module global rather than ``functools.cache``: once detected (Muon detects it when
+    built), a compiled step reads a plain bool instead of tracing the probe."""
+    global _CPU_BF16_MATMUL
+    if _CPU_BF16_MATMUL is None:
+        _CPU_BF16_MATMUL = _detect_cpu_bf16_matmul()
+    return _CPU_BF16_MATMUL
+
+
+_CPU_BF16_MATMUL: bool | None = None
+
+
+def _detect_cpu_bf16_matmul() -> bool:
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     if not _isa_cap_allows_bf16():

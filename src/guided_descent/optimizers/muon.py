@@ -217,6 +217,7 @@ class Muon(HybridOptimizer):
             cautious_weight_decay=cautious_weight_decay,
         )
         _check_muon_options("muon", defaults)
+        cpu_bf16_matmul()  # detected now, eagerly: a compiled step then reads a stored bool
         defaults["ns_coefficients"] = _normalized_coefficients(ns_coefficients, ns_steps)
         adamw = adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
         super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
