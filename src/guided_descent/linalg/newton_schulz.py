@@ -61,6 +61,8 @@ POLAR_EXPRESS: Final[tuple[Coefficients, ...]] = (
 
 
 def _is_number(x: object) -> bool:
+    if type(x) is float:  # the common case, without the ABC check below (runs every step)
+        return math.isfinite(x)
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
