@@ -414,3 +414,28 @@ def test_factory_matches_the_class():
     assert isinstance(opt, Muon) and opt.param_groups[0]["lr"] == 0.01
     with pytest.raises(ValueError, match="routing overrides match parameter names"):
         muon(list(model.parameters()), routing={"*": "adamw"})
+
+
+def test_diagnostics_record_the_newton_schulz_dtype_chosen(monkeypatch):
+    import sys
+
+    import guided_descent.linalg.newton_schulz as ns_module
+
+    muon_module = sys.modules[Muon.__module__]  # the package's `muon` attribute is the factory
+
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10))
+    for hardware, big in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(ns_module, "cpu_bf16_matmul", lambda hardware=hardware: hardware)
+        monkeypatch.setattr(muon_module, "cpu_bf16_matmul", lambda hardware=hardware: hardware)
+        for ns_dtype, expected in ((None, {(256, 64): "float32", (256, 256): big}),
+                                   (torch.float32, {(256, 64): "float32", (256, 256): "float32"})):
+            opt = gd.create("muon", model, ns_dtype=ns_dtype)
+            model(torch.randn(4, 64)).sum().backward()
+            opt.step()
+            report = opt.diagnostics()
+            assert report["cpu_bf16_matmul"] is hardware
+            chosen = {tuple(e["shape"]): e["ns_dtype"] for e in report["params"]
+                      if e["algorithm"] == "muon"}
+            assert chosen == expected
+            model.zero_grad()

@@ -16,11 +16,14 @@ from float_rounding import newton_schulz_rounding_bound as rounding_bound
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import guided_descent.linalg.newton_schulz as ns_module
 from guided_descent.linalg.newton_schulz import (
     _POLAR_EXPRESS_RAW,
     JORDAN,
     POLAR_EXPRESS,
     coefficient_schedule,
+    cpu_bf16_matmul,
+    default_compute_dtype,
     newton_schulz,
 )
 
@@ -279,3 +282,67 @@ def test_invalid_inputs_raise_naming_the_value(call, match):
 def test_coefficient_schedule_normalizes_to_float_triples():
     assert coefficient_schedule((3, -4, 2), 2) == ((3.0, -4.0, 2.0),) * 2
     assert coefficient_schedule(POLAR_EXPRESS, 5) == POLAR_EXPRESS
+
+
+# ---------------------------------------------------------------- the automatic compute dtype
+
+
+@pytest.mark.parametrize(
+    ("shape", "hardware", "expected"),
+    [
+        ((256, 256), True, torch.bfloat16),
+        ((3, 256, 256), True, torch.bfloat16),  # the matrix decides, not the batch
+        ((128, 256), True, torch.bfloat16),  # s²l = 2^22: the threshold itself
+        ((256, 128), True, torch.bfloat16),
+        ((127, 256), True, torch.float32),
+        ((64, 256), True, torch.float32),  # bf16 GEMM's fixed cost: 0.55 vs 0.26 ms
+        ((8, 64, 256), True, torch.float32),
+        ((256, 256), False, torch.float32),  # emulated bf16 is slower than float32
+        (None, True, torch.float32),
+    ],
+)
+def test_default_dtype_follows_the_hardware_and_the_matrix_size(
+    monkeypatch, shape, hardware, expected
+):
+    monkeypatch.setattr(ns_module, "cpu_bf16_matmul", lambda: hardware)
+    assert default_compute_dtype(torch.device("cpu"), shape) == expected
+    assert default_compute_dtype(torch.device("cuda"), shape) == torch.bfloat16
+    if shape is not None:  # newton_schulz(dtype=None) computes in that dtype
+        assert newton_schulz(torch.randn(*shape)).dtype == expected
+
+
+def test_cpu_detection_respects_onednn_isa_cap(monkeypatch):
+    for name in ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    assert ns_module._isa_cap_allows_bf16()
+    for cap, allowed in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                         ("AVX512_CORE_AMX", True), ("ALL", True)):
+        monkeypatch.setenv("DNNL_MAX_CPU_ISA", cap)
+        assert ns_module._isa_cap_allows_bf16() == allowed, cap
+    # The detection itself returns a bool on every machine and is computed once.
+    assert isinstance(cpu_bf16_matmul(), bool) and cpu_bf16_matmul() is cpu_bf16_matmul()
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "kappa1e2", "kappa1e10"])
+@pytest.mark.parametrize("shape", [(128, 256), (256, 256)])
+def test_bfloat16_error_bound_at_the_sizes_the_default_computes_in_bfloat16(shape, kind):
+    # The orthogonality error of each choice against the exact map U F(Σ/‖G‖_F) Vᵀ, at the
+    # smallest and a typical size for which ns_dtype=None picks bf16 on a CPU with bf16 matrix
+    # hardware (forced here, so the test runs the same on every CPU).
+    G = make_input(kind, *shape, seed=4).float()
+    _, U, s, Vh = polynomial_reference(G, [JORDAN] * 5)
+    big = s >= 1.5e-3
+    target = composed(s[big], [JORDAN] * 5)
+    errors = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        O = newton_schulz(G, dtype=dtype)
+        errors[dtype] = (gains(O, U, Vh)[big] - target).abs().max().item()
+        # No direction is pushed past F's maximum by more than the dtype's rounding allows.
+        slack = 1e-4 if dtype == torch.float32 else 0.15
+        assert torch.linalg.matrix_norm(O.double(), ord=2) <= JORDAN_MAX + slack
+    # float32: the typical-error budget of the test above (692 u = 4.1e-5; 1e-4). bf16: the same
+    # budget in bf16's u = 2^-8 exceeds 1, so no a-priori bound; 0.15 is the band test's
+    # allowance (seen <= 0.012 here on AMX, float32 <= 1e-5): every direction with s >= 1.5e-3
+    # stays in [0.5, 1.35], where Muon's step is a descent direction of unchanged scale.
+    assert errors[torch.float32] <= 1e-4
+    assert errors[torch.bfloat16] <= 0.15

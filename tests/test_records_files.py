@@ -61,3 +61,11 @@ def test_a_failed_write_removes_its_temporary(tmp_path):
     with pytest.raises(TypeError):  # fails in f.write, after the temporary file exists
         write_atomic(tmp_path / "x.json", 5)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_env_records_what_muons_default_dtype_was_chosen_from():
+    from guided_descent.experiments.records import environment
+    from guided_descent.linalg.newton_schulz import cpu_bf16_matmul
+
+    env = environment("cpu")
+    assert env["cpu_bf16_matmul"] is cpu_bf16_matmul()

@@ -260,3 +260,38 @@ def test_the_first_basis_resolves_a_null_space_the_same_way_every_time():
     top = Q[:, 0] * torch.sign(Q[:, 0] @ u)
     torch.testing.assert_close(top, u / u.norm(), atol=1e-2, rtol=0)  # O(tiebreak) rotation
     torch.testing.assert_close(Q.T @ Q, torch.eye(5, dtype=F64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (16, 16), (64, 24)])
+@pytest.mark.parametrize("sides", ["both", "left", "right", "none"])
+def test_matrix_rotations_equal_the_general_mode_products(shape, sides):
+    # project / project_back take plain matrix products for a 2-D tensor; mode_product (the
+    # general path, kept for 3-D+ tensors) forms the same products through tensordot. In float32
+    # each of Q_Lᵀ x Q_R's two products with inner dimension k errs elementwise by at most
+    # γ(k) |A| |B| (Higham §3.5, γ(k) = k u / (1 - k u), u = 2^-24), so each result lies within
+    # (γ(m) + γ(n) + γ(m) γ(n)) |Q_L|ᵀ |x| |Q_R| of the exact product, and the two within twice
+    # that of each other, on any CPU and BLAS.
+    from guided_descent.preconditioners.kronecker import mode_product
+
+    m, n = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, n, generator=g)
+    QL = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=F64))[0].float()
+    QR = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0].float()
+    left = QL if sides in ("both", "left") else None
+    right = QR if sides in ("both", "right") else None
+    u = torch.finfo(torch.float32).eps / 2
+    gamma = lambda k: k * u / (1 - k * u)  # noqa: E731
+    eye_m, eye_n = torch.eye(m, dtype=F64), torch.eye(n, dtype=F64)
+    L = eye_m if left is None else left.double()
+    R = eye_n if right is None else right.double()
+    bound = 2 * (gamma(m) + gamma(n) + gamma(m) * gamma(n))
+    for transpose, fast in ((True, soap_math.project), (False, soap_math.project_back)):
+        Lt, Rt = (L.mT, R) if transpose else (L, R.mT)
+        scale = Lt.abs() @ x.double().abs() @ Rt.abs()
+        ours = fast(x, [left, right])
+        general = mode_product(x, [left, right], transpose=transpose)
+        assert ours.shape == general.shape == (m, n) and ours.dtype == torch.float32
+        assert ((ours.double() - general.double()).abs() <= bound * scale).all()
+        if left is None and right is None:
+            assert ours is x  # the identity on every side returns x itself, as mode_product

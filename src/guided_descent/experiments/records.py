@@ -26,6 +26,7 @@ from typing import IO, Any
 import torch
 
 from guided_descent import files
+from guided_descent.linalg.newton_schulz import cpu_bf16_matmul
 
 CONFIG = "config.json"
 ENV = "env.json"
@@ -311,6 +312,8 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
+        # Whether Muon's ns_dtype=None computes large CPU matrices in bf16 (linalg.newton_schulz).
+        "cpu_bf16_matmul": cpu_bf16_matmul(),
         "device": str(dev),
         "packages": {
             name: version(name) for name in ("numpy", "matplotlib", "scikit-learn", "tqdm")

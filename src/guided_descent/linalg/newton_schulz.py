@@ -13,6 +13,7 @@ default) or one triple per step (:data:`POLAR_EXPRESS`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from numbers import Real
 from typing import Any, Final
@@ -60,6 +61,8 @@ POLAR_EXPRESS: Final[tuple[Coefficients, ...]] = (
 
 
 def _is_number(x: object) -> bool:
+    if type(x) is float:  # the common case, without the ABC check below (runs every step)
+        return math.isfinite(x)
     return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
@@ -113,18 +116,99 @@ def coefficient_schedule(
     return tuple(schedule)
 
 
-def default_compute_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA, float32 elsewhere.
+# The smallest matrix that Newton–Schulz computes in bfloat16 on a CPU with bf16 matrix hardware,
+# as s²·l for an (s, l) matrix, s <= l: the work of one iteration (2 s² l + s³ multiply-adds).
+# oneDNN's bf16 GEMM costs ~30 us per call whatever the size (5 steps = 15 calls: a 32x32
+# iteration takes 0.48 ms in bf16, 0.09 ms in float32), so bf16 pays only for enough work.
+# Measured on the 2-core AMX Xeon, one thread, 5 steps, ms float32 / bf16: 64x256 0.26 / 0.55,
+# 96x384 0.66 / 0.77, 128x128 0.50 / 0.89, 160x160 1.44 / 1.17, 128x256 1.20 / 0.76,
+# 256x256 3.9 / 1.2, 512x512 ~13 / 2.6 (bf16 at 0.2-0.3x from s²l = 1.6e7 up). The crossover
+# lies between s²l = 3.5e6 (96x384) and 4.1e6 (160x160): 2^22 = 4.19e6 (128x256).
+CPU_BF16_MIN_WORK: Final[int] = 1 << 22
 
-    On a GPU the iteration is matmul-bound and bf16 tensor cores are several times faster; the
-    quintic tolerates bf16's 8-bit mantissa because it is applied to a band around 1, not
-    converged to high accuracy. On a CPU, bf16 GEMM is fast only where the chip has AMX or
-    AVX512-BF16 (elsewhere it is converted and slower than float32); CPU runs are small models and
-    tests, where float32 keeps the result close to the exact polar factor. Measured on a 2-core
-    AMX Xeon, one thread, one Gram + product: 64x256 float32 0.04 ms vs bf16 0.06 ms;
-    512x1024 float32 10.4 ms vs bf16 1.1 ms -- pass ``dtype=torch.bfloat16`` for large CPU work.
+# oneDNN's ISA cap (DNNL_MAX_CPU_ISA / ONEDNN_MAX_CPU_ISA): a value naming none of these keeps it
+# off the bf16 instructions (e.g. AVX2, AVX512_CORE), so bf16 products would be emulated.
+_BF16_ISA_WORDS: Final[tuple[str, ...]] = ("BF16", "AMX", "AVX10", "FP16", "ALL", "DEFAULT")
+
+
+def _isa_cap_allows_bf16() -> bool:
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        cap = os.environ.get(name, "").strip().upper()
+        if cap and not any(word in cap for word in _BF16_ISA_WORDS):
+            return False
+    return True
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware: AMX-BF16 or AVX512-BF16 present,
+    oneDNN built in and enabled, and not capped below those instructions by
+    ``DNNL_MAX_CPU_ISA`` / ``ONEDNN_MAX_CPU_ISA``. Decided once per process, from flags only:
+    a timing probe would make the compute dtype -- hence the results -- depend on the machine's
+    load when the run started.
+
+    Kept in a module global rather than ``functools.cache``: once detected (Muon detects it when
+    built), a compiled step reads a plain bool instead of tracing the probe."""
+    global _CPU_BF16_MATMUL
+    if _CPU_BF16_MATMUL is None:
+        _CPU_BF16_MATMUL = _detect_cpu_bf16_matmul()
+    return _CPU_BF16_MATMUL
+
+
+_CPU_BF16_MATMUL: bool | None = None
+
+
+def _detect_cpu_bf16_matmul() -> bool:
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if not _isa_cap_allows_bf16():
+        return False
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        try:
+            caps = get()
+            return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+        except Exception:  # a torch build without the probe: read the kernel's flags instead
+            pass
+    flags = _cpuinfo_flags()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_compute_dtype(
+    device: torch.device, shape: tuple[int, ...] | None = None
+) -> torch.dtype:
+    """The compute dtype ``newton_schulz(..., dtype=None)`` uses for matrices of ``shape``.
+
+    * CUDA: bfloat16. The iteration is matmul-bound and bf16 tensor cores are several times
+      faster; the quintic tolerates bf16's 8-bit mantissa because it is applied to a band around
+      1, not converged to high accuracy (tests/test_newton_schulz.py bounds the band in bf16).
+    * A CPU with bf16 matrix hardware (:func:`cpu_bf16_matmul`): bfloat16 for matrices (the last
+      two dimensions of ``shape``) with ``s²·l >= CPU_BF16_MIN_WORK``, float32 below, where the
+      fixed cost of a bf16 GEMM call outweighs its speed (see :data:`CPU_BF16_MIN_WORK`).
+      256x256: 1.2 ms instead of 3.9 ms.
+    * Any other CPU (or ``shape=None``): float32; emulated bf16 GEMM is slower than float32.
+
+    Decided by shape alone (not by a batch's size), so that ranks splitting the work of one
+    optimizer step agree on each matrix's dtype whatever matrices each of them holds.
     """
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16
+    if shape is None or len(shape) < 2 or device.type != "cpu":
+        return torch.float32
+    short, long = sorted(shape[-2:])
+    if short * short * long >= CPU_BF16_MIN_WORK and cpu_bf16_matmul():
+        return torch.bfloat16
+    return torch.float32
 
 
 def _iterate(X: Tensor, schedule: Sequence[Coefficients], fused_mm: Any) -> Tensor:
@@ -156,7 +240,8 @@ def newton_schulz(
         G: a floating-point tensor with at least 2 dimensions.
         steps: number of iterations (>= 1).
         coefficients: one ``(a, b, c)`` triple for every step, or a sequence of ``steps`` triples.
-        dtype: compute dtype; ``None`` picks :func:`default_compute_dtype` for ``G``'s device.
+        dtype: compute dtype; ``None`` picks :func:`default_compute_dtype` for ``G``'s device
+            and matrix shape.
         eps: lower bound on the Frobenius norm used to normalize (> 0).
 
     Returns:
@@ -173,7 +258,7 @@ def newton_schulz(
         raise ValueError(f"newton_schulz needs a floating-point tensor, got dtype {G.dtype}")
     if not _is_number(eps) or eps <= 0:
         raise ValueError(f"newton_schulz eps must be a finite number > 0, got {eps!r}")
-    compute = default_compute_dtype(G.device) if dtype is None else dtype
+    compute = default_compute_dtype(G.device, tuple(G.shape)) if dtype is None else dtype
     if not isinstance(compute, torch.dtype) or not compute.is_floating_point:
         raise ValueError(f"newton_schulz dtype must be a floating-point torch.dtype, got {dtype!r}")
 

@@ -220,17 +220,19 @@ class GuardedOptimizer:
 
     def _decide_on_device(self) -> bool:
         """Whether this step decides on device (no host sync) or on the host."""
-        if not self.MASKED_SKIP or self.on_nonfinite == "raise" or not self._can_mask():
+        if not self.MASKED_SKIP or self.on_nonfinite == "raise":
             return False
-        if self.sync_free is not None:
-            return bool(self.sync_free)
-        if torch.compiler.is_compiling():
-            return True
-        if self._on_accelerator is None:
-            self._on_accelerator = any(
-                p.device.type != "cpu" for g in self.param_groups for p in g["params"]
-            )
-        return self._on_accelerator
+        automatic = self.sync_free is None and not torch.compiler.is_compiling()
+        if automatic:
+            if self._on_accelerator is None:
+                self._on_accelerator = any(
+                    p.device.type != "cpu" for g in self.param_groups for p in g["params"]
+                )
+            if not self._on_accelerator:
+                return False  # a CPU step decides on the host, without the _can_mask scan
+        if not self._can_mask():
+            return False
+        return True if self.sync_free is None else bool(self.sync_free)
 
     def _can_mask(self) -> bool:
         """Whether the coming update can honour a device flag (a subclass may say no for some

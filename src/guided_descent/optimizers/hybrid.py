@@ -651,6 +651,12 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
         # parameters and the step count -- on its device when found_inf is set (as GradScaler
         # does); a host-decided step uses torch.optim.AdamW's default kernel, exactly.
         masked = ok is not None
+        # On CPU torch's default is its per-tensor loop; its foreach kernel does the same
+        # element-wise arithmetic in the same order (bit-identical to torch.optim.AdamW:
+        # tests/test_routing.py) in one call per operation instead of one per parameter
+        # (4 small tensors: 121 -> 104 us).
+        on_cpu = all(p.device.type == "cpu" and not is_dtensor(p) for p in params)
+        foreach = True if on_cpu and not masked else None
         torch_adamw(
             params,
             grads,
@@ -658,6 +664,7 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
             exp_avg_sqs,
             [],
             steps,
+            foreach=foreach,
             fused=True if masked else None,
             found_inf=(~ok).to(torch.float32) if masked else None,
             amsgrad=False,

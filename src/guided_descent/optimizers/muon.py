@@ -24,6 +24,7 @@ from guided_descent.linalg.newton_schulz import (
     JORDAN,
     Coefficients,
     coefficient_schedule,
+    cpu_bf16_matmul,
     default_compute_dtype,
 )
 from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, plan_groups
@@ -125,7 +126,11 @@ class Muon(HybridOptimizer):
             convolution kernel ``(out, in, *k)`` is one ``(out, in·prod(k))`` matrix) or
             ``"batch"`` (``(..., m, n)`` is a stack of matrices, each orthogonalized alone). Set it
             per param group when a model has both kinds.
-        ns_dtype: Newton–Schulz compute dtype; ``None``: bfloat16 on CUDA, float32 elsewhere.
+        ns_dtype: Newton–Schulz compute dtype; ``None`` (default) chooses per matrix shape: bfloat16
+            on CUDA, and on a CPU with bf16 matrix hardware (AMX / AVX512-BF16) for matrices large
+            enough that it is faster (256x256 yes, 64x256 no), float32 otherwise
+            (:func:`~guided_descent.linalg.newton_schulz.default_compute_dtype`). What was chosen
+            is in ``diagnostics()`` (``ns_dtype`` per parameter, ``cpu_bf16_matmul``).
         variant: ``"muon"`` (default), ``"normuon"`` or ``"adamuon"`` (above). One choice, not
             flags: AdaMuon's element-wise moment subsumes NorMuon's per-row one, and neither paper
             combines them.
@@ -212,6 +217,7 @@ class Muon(HybridOptimizer):
             cautious_weight_decay=cautious_weight_decay,
         )
         _check_muon_options("muon", defaults)
+        cpu_bf16_matmul()  # detected now, eagerly: a compiled step then reads a stored bool
         defaults["ns_coefficients"] = _normalized_coefficients(ns_coefficients, ns_steps)
         adamw = adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
         super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
@@ -319,9 +325,14 @@ class Muon(HybridOptimizer):
         count, m, n = matrix_shape(shape, group["matrix_view"])
         return count * newton_schulz_flops(m, n, group["ns_steps"])
 
-    def _compute_dtype(self, group: Mapping[str, Any], device: torch.device) -> torch.dtype:
+    def _compute_dtype(
+        self, group: Mapping[str, Any], device: torch.device, shape: tuple[int, ...]
+    ) -> torch.dtype:
+        """The Newton–Schulz dtype of a parameter of ``shape`` (as :func:`orthogonalize` picks)."""
         dtype = group["ns_dtype"]
-        return default_compute_dtype(device) if dtype is None else dtype
+        if dtype is not None:
+            return dtype
+        return default_compute_dtype(device, matrix_shape(shape, group["matrix_view"])[1:])
 
     def _split_orthogonalize(
         self, group: Mapping[str, Any], directions: list[Tensor]
@@ -330,7 +341,7 @@ class Muon(HybridOptimizer):
         split = self.work_split
         assert split is not None
         specs = [
-            [TensorSpec(tuple(d.shape), self._compute_dtype(group, d.device), d.device)]
+            [TensorSpec(tuple(d.shape), self._compute_dtype(group, d.device, d.shape), d.device)]
             for d in directions
         ]
 
@@ -363,7 +374,7 @@ class Muon(HybridOptimizer):
             lr * shape_scale(*matrix_shape(shape, view)[1:], group["adjust_lr"]) for shape in shapes
         ]
         costs = [self._cost(group, shape) for shape in shapes]
-        dtypes = [self._compute_dtype(group, p.device) for p in params]
+        dtypes = [self._compute_dtype(group, p.device, tuple(p.shape)) for p in params]
 
         def compute(indices: list[int], full: list[Tensor]) -> list[tuple[Tensor, list[Tensor]]]:
             orth = self._orthogonalize(group, full)
@@ -425,7 +436,12 @@ class Muon(HybridOptimizer):
         return keys, shapes
 
     def matrix_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
-        return {"preconditioner": "newton-schulz"}
+        dtype = self._compute_dtype(group, p.device, tuple(p.shape))
+        return {"preconditioner": "newton-schulz", "ns_dtype": str(dtype).removeprefix("torch.")}
+
+    def _extra_diagnostics(self) -> dict[str, Any]:
+        # What ns_dtype=None chose from: detected once per process (newton_schulz.cpu_bf16_matmul).
+        return {**super()._extra_diagnostics(), "cpu_bf16_matmul": cpu_bf16_matmul()}
 
 
 def muon(

@@ -395,7 +395,12 @@ class SOAP(KroneckerOptimizer):
         """``F_i = shampoo_beta F_i + (1 - shampoo_beta) G_(i) G_(i)ᵀ`` for every rotated
         dimension ``(i, key)`` of ``factors`` (``first``: the parameter's first gradient)."""
         for d, key in factors:
-            statistic = kronecker_factor(grad, d) if stack is None else matrix_factor(grad, d)
+            if stack is not None:
+                statistic = matrix_factor(grad, d)
+            elif grad.dim() == 2:  # G Gᵀ or Gᵀ G: kronecker_factor's value without its copies
+                statistic = matrix_factor(grad, d + 1)
+            else:
+                statistic = kronecker_factor(grad, d)
             self._accumulate(state[key], statistic, shampoo_beta, ok)
 
     def _reorder(

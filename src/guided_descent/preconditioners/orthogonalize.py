@@ -165,8 +165,9 @@ def orthogonalize(
     """Newton–Schulz of every matrix of every update, one batched call per ``(m, n)`` shape.
 
     Each update is seen as matrices by :func:`matrix_shape`; results keep the updates' shapes and
-    come back in the compute dtype (``dtype``, or the device default of
-    :func:`~guided_descent.linalg.newton_schulz.default_compute_dtype`). The result equals calling
+    come back in the compute dtype (``dtype``, or the default of
+    :func:`~guided_descent.linalg.newton_schulz.default_compute_dtype` for the device and the
+    ``(m, n)`` shape). The result equals calling
     :func:`~guided_descent.linalg.newton_schulz.newton_schulz` on each matrix alone, because every
     matrix of a batch is normalized and iterated independently.
     """
@@ -179,9 +180,11 @@ def orthogonalize(
 
     out: list[Tensor | None] = [None] * len(updates)
     for (m, n, device), members in buckets.items():
-        compute = default_compute_dtype(device) if dtype is None else dtype
-        # (count_i, m, n) each -> (sum count_i, m, n) in the compute dtype; one copy per step.
-        stacked = torch.cat([updates[i].to(compute).reshape(-1, m, n) for i in members])
+        compute = default_compute_dtype(device, (m, n)) if dtype is None else dtype
+        # (count_i, m, n) each -> (sum count_i, m, n) in the compute dtype; one copy per step. A
+        # bucket of one goes in as it is (newton_schulz copies it on its own: no second copy).
+        parts = [updates[i].reshape(-1, m, n) for i in members]
+        stacked = parts[0] if len(parts) == 1 else torch.cat([x.to(compute) for x in parts])
         orth = newton_schulz(stacked, steps, coefficients, dtype=compute, eps=eps)
         counts = [views[i][0] for i in members]
         for i, part in zip(members, orth.split(counts), strict=True):
@@ -206,7 +209,7 @@ def second_moment_shape(
 
 
 def _working_copy(o: Tensor) -> Tensor:
-    """``o`` in at least float32 (Newton–Schulz's output is bfloat16 on CUDA) and contiguous.
+    """``o`` in at least float32 (Newton–Schulz's output may be bfloat16) and contiguous.
 
     Contiguous because the reductions below (row means, norms) sum in memory order: a tall
     matrix's Newton–Schulz result is a transposed view, while the same values received from

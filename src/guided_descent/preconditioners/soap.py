@@ -67,6 +67,8 @@ def project(x: Tensor, bases: Bases) -> Tensor:
         if bases.left is not None:
             x = bases.left.mT @ x
         return x if bases.right is None else x @ bases.right
+    if _plain_matrix(x, bases):
+        return _matrix_project(x, bases[0], bases[1], transpose=True)
     return mode_product(x, bases, transpose=True)
 
 
@@ -76,7 +78,31 @@ def project_back(x: Tensor, bases: Bases) -> Tensor:
         if bases.left is not None:
             x = bases.left @ x
         return x if bases.right is None else x @ bases.right.mT
+    if _plain_matrix(x, bases):
+        return _matrix_project(x, bases[0], bases[1], transpose=False)
     return mode_product(x, bases)
+
+
+def _plain_matrix(x: Tensor, bases: Sequence[Tensor | None]) -> bool:
+    """A 2-D ``x`` with a square basis (or ``None``) per side: the common case, done with plain
+    matrix products (:func:`_matrix_project`)."""
+    return x.dim() == 2 and len(bases) == 2 and all(Q is None or Q.dim() == 2 for Q in bases)
+
+
+def _matrix_project(
+    x: Tensor, left: Tensor | None, right: Tensor | None, transpose: bool
+) -> Tensor:
+    """``Q_Lᵀ x Q_R`` (``transpose``) or ``Q_L x Q_Rᵀ`` for ``x`` ``(m, n)``, bases ``(m, m)``,
+    ``(n, n)`` or ``None``: the products :func:`mode_product` forms, without the copies of its
+    general path (``tensordot`` of permuted operands): a 256x256 rotation 0.49 -> 0.45 ms, 256x64
+    0.10 -> 0.075 ms on one CPU thread. Equal to it up to the rounding of the products (bit for
+    bit with MKL on the AMX Xeon; tests/test_soap.py bounds both by Higham's γ(k)). The result is
+    a new tensor unless both bases are ``None`` (then ``x`` itself, as :func:`mode_product`)."""
+    if left is not None:
+        x = (left.mT if transpose else left) @ x
+    if right is not None:
+        x = x @ (right if transpose else right.mT)
+    return x
 
 
 def matrix_factor(x: Tensor, side: int) -> Tensor:
@@ -116,9 +142,21 @@ def soap_update(
         commit_(exp_avg, m, ok)
         commit_(exp_avg_sq, v, ok)
     denom = v.sqrt().div_(bias_correction(beta2, step) ** 0.5).add_(eps)
-    # Out of place: with the identity on every side, project() returns a view of exp_avg.
-    rotated_step = project(m, bases) / bias_correction(beta1, step) / denom
-    return project_back(rotated_step, bases)
+    rotated = project(m, bases)
+    # In place where project() made a new tensor (the same two roundings, two allocations fewer);
+    # with the identity on every side it returns a view of exp_avg, which must not change.
+    if _identity(bases):
+        rotated = rotated / bias_correction(beta1, step)
+    else:
+        rotated = rotated.div_(bias_correction(beta1, step))
+    return project_back(rotated.div_(denom), bases)
+
+
+def _identity(bases: Bases) -> bool:
+    """Whether every side of ``bases`` is the identity (``None``)."""
+    if isinstance(bases, MatrixBases):
+        return bases.left is None and bases.right is None
+    return all(Q is None for Q in bases)
 
 
 def tiebroken(F: Tensor, tiebreak: float) -> Tensor:
