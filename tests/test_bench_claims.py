@@ -8,6 +8,7 @@ table. Regression tests for issue 14's findings 1, 2, 4, 5 and 8.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -278,11 +279,17 @@ def test_peer_speed_needs_a_speed_up_beyond_the_spread():
     assert slow["peer-speed: muon vs pto-muon"].verdict == FAIL
 
 
-def test_peer_claims_skip_other_algorithms_and_missing_counterparts():
+def test_peer_claims_skip_other_algorithms_and_missing_counterparts(monkeypatch):
+    # A peer of another algorithm that borrows Muon's AdamW settings: no like-for-like claim.
+    other = dataclasses.replace(peer_lib.PEERS["pto-muon"], name="pto-other", same_algorithm=False)
+    monkeypatch.setitem(peer_lib.PEERS, "pto-other", other)
     table = peer_table([0.97] * 3, [0.97] * 3)
-    table["pto-psgd"] = table.pop("pto-muon")
+    table["pto-other"] = table.pop("pto-muon")
     assert peer_claims(DIGITS, table) == []
-    assert not peer_lib.PEERS["pto-psgd"].same_algorithm
+    # A same-algorithm peer whose counterpart did not run: nothing to compare either.
+    table = peer_table([0.97] * 3, [0.97] * 3)
+    table.pop("muon")
+    assert peer_claims(DIGITS, table) == []
 
 
 def test_the_sweep_reads_the_end_of_each_schedule():
