@@ -7,6 +7,7 @@ so that no step pays for all of them, and off it is the references' schedule, ex
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -106,3 +107,23 @@ def test_slots_are_balanced_by_cost_and_stable():
 def test_stagger_refresh_must_be_a_bool():
     with pytest.raises(ValueError, match="stagger_refresh"):
         gd.create("soap", model(), stagger_refresh="yes")
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap", "kl_soap"])
+def test_vectors_in_a_matrix_group_have_no_refresh_unit(name):
+    """Biases routed into a SOAP group (the diagonal path) refresh nothing: stepping them must not
+    ask for an offset they do not have (it raised IndexError)."""
+    from guided_descent.routing import RoutingPolicy, policy_for
+
+    policy = dataclasses.replace(policy_for(name), vectors=True)
+    net = model()
+    opt = gd.create(name, net, precondition_frequency=2, routing_policy=policy,
+                    example_inputs=torch.zeros(2, 8))
+    (group,) = [g for g in opt.param_groups if g["algorithm"] == name]
+    assert any(p.dim() == 1 for p in group["params"])
+    for _ in range(5):
+        opt.zero_grad()
+        net(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+    if name != "shampoo":  # Shampoo's vectors are blocks with diagonal roots: units of their own
+        assert all(opt.refresh_slot(p, group) == 0 for p in group["params"] if p.dim() == 1)

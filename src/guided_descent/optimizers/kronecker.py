@@ -87,16 +87,24 @@ class KroneckerOptimizer(HybridOptimizer):
         the references' schedule."""
         if not group.get("stagger_refresh", False) or int(group["precondition_frequency"]) <= 1:
             return 0
-        if not torch.compiler.is_compiling():  # compiled: _init_group has placed them
-            self._place_slots(group)
-        return self._slots[p][unit]
+        if torch.compiler.is_compiling():  # _init_group has placed them, eagerly
+            return self._slots[p][unit]
+        self._place_slots(group)
+        slots = self._slots.get(p, [])
+        if unit >= len(slots):  # the group's layout changed under the same key: place anew
+            self._place_slots(group, force=True)
+            slots = self._slots.get(p, [])
+        return slots[unit] if unit < len(slots) else 0
 
-    def _place_slots(self, group: Mapping[str, Any]) -> None:
+    def _place_slots(self, group: Mapping[str, Any], force: bool = False) -> None:
         """Assign the refresh offsets of ``group``'s units (once per group layout; host work)."""
         freq = int(group["precondition_frequency"])
         params = group["params"]
-        key = (freq, tuple(id(q) for q in params))
-        if self._slot_keys.get(id(group)) == key:
+        layout = tuple(
+            repr(group.get(k)) for k in ("matrix_view", "max_precond_dim", "max_preconditioner_dim")
+        )
+        key = (freq, layout, tuple(id(q) for q in params))
+        if not force and self._slot_keys.get(id(group)) == key:
             return
         units = [(q, c) for q in params for c in self.refresh_costs(q, group)]
         owners = assign([c for _q, c in units], freq).owners if units else ()

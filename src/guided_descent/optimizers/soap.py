@@ -342,7 +342,7 @@ class SOAP(KroneckerOptimizer):
                 group, state, grad, stack, factors, shampoo_beta, ok, first=False
             )
             freq = group["precondition_frequency"]
-            if t >= freq and (t - self.refresh_slot(p, group)) % freq == 0:
+            if factors and t >= freq and (t - self.refresh_slot(p, group)) % freq == 0:
                 due.extend((p, state, d, key) for d, key in factors)
 
         if sync_free:
