@@ -113,7 +113,7 @@ def test_stagger_refresh_must_be_a_bool():
 def test_vectors_in_a_matrix_group_have_no_refresh_unit(name):
     """Biases routed into a SOAP group (the diagonal path) refresh nothing: stepping them must not
     ask for an offset they do not have (it raised IndexError)."""
-    from guided_descent.routing import RoutingPolicy, policy_for
+    from guided_descent.routing import policy_for
 
     policy = dataclasses.replace(policy_for(name), vectors=True)
     net = model()
