@@ -152,14 +152,27 @@ def test_a_sync_free_step_reads_nothing_on_the_host(name):
 def test_compiled_step_fullgraph_matches_the_eager_step(name):
     # float64: the compiled graph fuses float operations differently, and Shampoo/SOAP amplify
     # rounding (see their sensitivity tests); in float64 both stay within 1e-9 of each other.
+    def build(model: nn.Module) -> torch.optim.Optimizer:
+        return gd.create(name, model, **HYPER.get(name, {}), **COMPILE_HYPER.get(name, {}))
+
+    # Five steps cross two refreshes (frequency 2) and one skip.
+    results, counts = eager_and_compiled(build, 5)
+    assert counts == [(4, 1), (4, 1)]
+    torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
+
+
+def eager_and_compiled(build, steps: int) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """``steps`` sync-free steps of ``build(model)`` on a float64 model (the third gradient NaN,
+    a skip), eagerly then under ``torch.compile(opt.step, fullgraph=True)``: the final weights
+    and ``(steps, skipped_steps)`` of each run."""
     results, counts = [], []
     for compiled in (False, True):
         torch._dynamo.reset()
         model = make_model(torch.float64)
-        opt = gd.create(name, model, **HYPER.get(name, {}), **COMPILE_HYPER.get(name, {}))
+        opt = build(model)
         opt.sync_free = True
         step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        for i in range(5):  # crosses two refreshes (frequency 2) and one skip
+        for i in range(steps):
             gradients(model, i)
             if i == 2:
                 next(model.parameters()).grad[0, 0] = float("nan")
@@ -168,5 +181,4 @@ def test_compiled_step_fullgraph_matches_the_eager_step(name):
         with pytest.warns(RuntimeWarning, match="skipped 1 step"):
             diagnostics = opt.diagnostics()
         counts.append((diagnostics["steps"], diagnostics["skipped_steps"]))
-    assert counts == [(4, 1), (4, 1)]
-    torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
+    return results, counts

@@ -11,7 +11,15 @@ import copy
 
 import pytest
 import torch
-from test_sync_free import flat, gradients, make_model, no_host_reads, same, without_calls
+from test_sync_free import (
+    eager_and_compiled,
+    flat,
+    gradients,
+    make_model,
+    no_host_reads,
+    same,
+    without_calls,
+)
 
 import guided_descent as gd
 
@@ -126,21 +134,6 @@ def mixed_muon(model, **extra) -> torch.optim.Optimizer:
 def test_compiled_step_fullgraph_matches_the_eager_step(build_opt):
     # float64, as in tests/test_sync_free.py: the compiled graph fuses float operations
     # differently; in float64 both stay within 1e-9 of each other.
-    results, counts = [], []
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        model = make_model(torch.float64)
-        opt = build_opt(model)
-        opt.sync_free = True
-        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        for i in range(4):
-            gradients(model, i)
-            if i == 2:
-                next(model.parameters()).grad[0, 0] = float("nan")
-            step()
-        results.append(flat(model))
-        with pytest.warns(RuntimeWarning, match="skipped 1 step"):
-            diagnostics = opt.diagnostics()
-        counts.append((diagnostics["steps"], diagnostics["skipped_steps"]))
+    results, counts = eager_and_compiled(build_opt, 4)
     assert counts == [(3, 1), (3, 1)]
     torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
