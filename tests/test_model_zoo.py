@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import guided_descent as gd
-from guided_descent.routing import route
+from guided_descent.routing import policy_for, route
 
 NAMES = list(gd.optimizers())
 MATRIX = ("muon", "shampoo", "soap", "kl_shampoo", "kl_soap", "psgd_kron")
@@ -162,7 +162,8 @@ class FrozenUnused(nn.Module):
 class Case:
     build: Callable[[], nn.Module]
     inputs: Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
-    # Expected routes under the matrix methods' policy: name -> (algorithm, view or None).
+    # Expected routes: name -> (algorithm, view or None); algorithm is "matrix" (the method),
+    # "adamw", or "head" (the output head: where the method's RoutingPolicy.head sends it).
     routes: dict[str, tuple[str, str | None]]
     batch_norm: bool = False
     logits_last: bool = False  # (B, T, V) logits: the class dimension is the last one
@@ -202,7 +203,7 @@ def gpt_routes(prefix_head: bool) -> dict[str, tuple[str, str | None]]:
         routes[f"{b}.attn.in_proj_bias"] = ("adamw", None)
         routes[f"{b}.ln1.weight"] = ("adamw", None)
     if prefix_head:
-        routes["head.weight"] = ("adamw", None)
+        routes["head.weight"] = ("head", "flatten")
     else:
         routes["pos"] = ("adamw", None)
     return routes
@@ -216,26 +217,26 @@ CASES = {
         "lstm.weight_ih_l0": ("matrix", "split:4"),
         "lstm.weight_hh_l1": ("matrix", "split:4"),
         "lstm.bias_ih_l0": ("adamw", None),
-        "out.weight": ("adamw", None),
+        "out.weight": ("head", "flatten"),
     }, logits_last=True),
     "bn-cnn": Case(BNCNN, images, {
         "features.0.weight": ("matrix", "flatten"),
         "features.3.weight": ("matrix", "flatten"),  # the 1x1 convolution
         "features.6.weight": ("matrix", "flatten"),
         "features.1.weight": ("adamw", None),
-        "classifier.weight": ("adamw", None),
+        "classifier.weight": ("head", "flatten"),
     }, batch_norm=True),
     "moe": Case(MoE, vectors, {
         "experts": ("matrix", "batch"),
         "router.weight": ("matrix", "flatten"),
         "inp.weight": ("matrix", "flatten"),
-        "out.weight": ("adamw", None),
+        "out.weight": ("head", "flatten"),
     }),
     "frozen-unused": Case(FrozenUnused, vectors, {
         "hidden.weight": ("matrix", "flatten"),
         "unused.weight": ("matrix", "flatten"),
         "spare": ("adamw", None),
-        "out.weight": ("adamw", None),
+        "out.weight": ("head", "flatten"),
     }),
 }
 
@@ -295,7 +296,9 @@ def test_routing_puts_each_weight_where_it_belongs(case, name):
     table = route(model, name, example_inputs=example)
     rows = {r.name: r for r in table.routes}
     for param, (algorithm, view) in CASES[case].routes.items():
-        want = name if algorithm == "matrix" else "adamw"
+        # "head": the output head, which goes where the method's own policy sends heads.
+        matrix = algorithm == "matrix" or (algorithm == "head" and policy_for(name).head)
+        want = name if matrix else "adamw"
         assert rows[param].algorithm == want, (param, rows[param].reason)
         if view is not None:
             assert rows[param].view == view, param

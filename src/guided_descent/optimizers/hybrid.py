@@ -122,9 +122,11 @@ def plan_groups(
         groups = split_by_ndim(items, algorithm, min_ndim)
     params = [x[1] if named else x for x in items]
     if min_ndim and any(p.dim() < 2 for p in params) and any(p.dim() >= 2 for p in params):
+        # Only what the policy would have sent elsewhere can be misrouted by shape alone.
+        unseen = "an embedding" if policy.head else "an output head or embedding"
         warnings.warn(
             f"{algorithm}: given parameters, not the model, so they are split by shape alone "
-            f"(>= 2-D to {algorithm}, the rest to {FALLBACK}); an output head or embedding "
+            f"(>= 2-D to {algorithm}, the rest to {FALLBACK}); {unseen} "
             f"among them cannot be recognised and goes to {algorithm}. Pass the nn.Module to "
             "route by structure, or named_parameters() with routing= to set it by name",
             UserWarning,

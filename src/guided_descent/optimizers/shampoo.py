@@ -183,7 +183,7 @@ class Shampoo(KroneckerOptimizer):
 
     ALGORITHM = "shampoo"
     # What this method takes from a model (guided_descent.routing): hidden matrices only.
-    ROUTING = RoutingPolicy()
+    ROUTING = RoutingPolicy(head=True)
     STATE_NAME = "Shampoo"
 
     def __init__(
