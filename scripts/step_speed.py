@@ -7,7 +7,8 @@ in a shuffled order, so that a shared, busy machine slows every entry alike; the
 thread's CPU time (``time.thread_time``), the median over rounds is printed (and the mean, which
 includes Shampoo's and SOAP's periodic refreshes), then our entries' ratios to the others.
 Run with ``OMP_NUM_THREADS=1``. Entries: a registry name (ours), ``NAME:float32`` (ours with
-``ns_dtype=torch.float32``), ``NAME:before`` (commit REV of ``--before``, imported as a
+``ns_dtype=torch.float32``), ``NAME:compiled`` (ours with ``compile_update=True``; the warm-up
+rounds absorb the compilation), ``NAME:before`` (commit REV of ``--before``, imported as a
 renamed copy of its ``src/guided_descent``), or a peer name (``guided-descent bench train
 --help``). ``bench train --peers`` times steps inside training, one optimizer after another;
 this script is the like-for-like comparison when the machine's load changes while it runs.
@@ -75,6 +76,8 @@ def main() -> None:
                 opt = before.create(name, model)  # type: ignore[attr-defined]
             elif tag == "float32":
                 opt = gd.create(name, model, ns_dtype=torch.float32)
+            elif tag == "compiled":
+                opt = gd.create(name, model, compile_update=True)
             else:
                 opt = gd.create(name, model)
             entries.append((spec, model, opt, []))

@@ -308,6 +308,9 @@ class HybridOptimizer(GuardedOptimizer, torch.optim.Optimizer):
     _sharded: WorkSplit | None = None
     _own_stats: SplitStats | None = None
     router: Router | None = None
+    # Whether the free update function runs compiled (see optimizers.compiled); set by the
+    # methods that offer ``compile_update``.
+    compile_update: bool = False
 
     def __init__(
         self,

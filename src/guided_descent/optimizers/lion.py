@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from guided_descent.optimizers.compiled import check_compile_update, kernel
 from guided_descent.optimizers.guard import GuardedOptimizer
 from guided_descent.optimizers.validation import validate_hyperparams
 from guided_descent.transforms.cautious import (
@@ -52,6 +53,7 @@ def lion(
     ok: Tensor | None = None,
     cautious: bool = False,
     cautious_weight_decay: bool = False,
+    compile_directions: bool = False,
 ) -> list[Tensor]:
     """Apply one Lion step in place to ``params`` and ``exp_avgs`` (functional form).
 
@@ -60,13 +62,18 @@ def lion(
     ``ok`` (a 0-d bool tensor) commits the step only where it is true, leaving parameters and
     buffers bit-identical otherwise, without a host sync (:func:`~..transforms.masking.commit_`).
     ``cautious`` / ``cautious_weight_decay``: see the module docstring; either one takes the
-    per-tensor path (the mask's kept fraction is per tensor).
+    per-tensor path (the mask's kept fraction is per tensor). ``compile_directions``: compute
+    the signs and the momentum (:func:`lion_directions_`) through ``torch.compile``
+    (per-tensor path; see :mod:`guided_descent.optimizers.compiled`).
     """
-    if foreach and not (cautious or cautious_weight_decay):
+    if foreach and not (cautious or cautious_weight_decay or compile_directions):
         return _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok)
-    return _lion_single(
-        params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok,
-        cautious, cautious_weight_decay,
+    directions = kernel(lion_directions_, compile_directions)(
+        grads, exp_avgs, beta1=beta1, beta2=beta2, maximize=maximize, ok=ok
+    )
+    return _lion_apply(
+        params, grads, directions, lr, weight_decay, maximize, ok, cautious,
+        cautious_weight_decay,
     )
 
 
@@ -76,27 +83,45 @@ def _step_rms(sign_norm: Tensor, numel: int, lr: float) -> Tensor:
     return norm * (lr / math.sqrt(numel)) if numel else norm * 0.0
 
 
-def _lion_single(
-    params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok=None,
-    cautious=False, cautious_weight_decay=False,
+def lion_directions_(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    maximize: bool = False,
+    ok: Tensor | None = None,
 ) -> list[Tensor]:
-    norms = []
-    for p, g, m in zip(params, grads, exp_avgs, strict=True):
+    """``sign(beta1 m + (1 - beta1) g)`` per tensor (new tensors), and each momentum advanced in
+    place to ``beta2 m + (1 - beta2) g`` (only where ``ok``). No learning rate: the part of the
+    step that compiles without a recompilation per scheduled ``lr``."""
+    signs = []
+    for g, m in zip(grads, exp_avgs, strict=True):
         if maximize:
             g = -g
-        c = m.lerp(g, 1.0 - beta1)  # beta1*m + (1-beta1)*g, a fresh buffer
-        u = c.sign_()  # the step's direction, in place of c
+        signs.append(m.lerp(g, 1.0 - beta1).sign_())  # a fresh buffer, signed in place
+        if ok is None:
+            m.lerp_(g, 1.0 - beta2)
+        else:
+            commit_(m, m.lerp(g, 1.0 - beta2), ok)
+    return signs
+
+
+def _lion_apply(
+    params, grads, directions, lr, weight_decay, maximize, ok=None, cautious=False,
+    cautious_weight_decay=False,
+) -> list[Tensor]:
+    norms = []
+    for p, g, u in zip(params, grads, directions, strict=True):
         if cautious:
-            u = cautious_update(u, g)
+            u = cautious_update(u, -g if maximize else g)
         decay = lr * weight_decay
         if ok is None:
             decayed(p, u, decay, cautious_weight_decay, inplace=True)
             p.add_(u, alpha=-lr)
-            m.lerp_(g, 1.0 - beta2)
         else:  # the same arithmetic out of place, kept only where ok
             new = decayed(p, u, decay, cautious_weight_decay, inplace=False)
             commit_(p, new.add(u, alpha=-lr), ok)
-            commit_(m, m.lerp(g, 1.0 - beta2), ok)
         norms.append(step_rms(u, lr))
     return norms
 
@@ -150,6 +175,10 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
         maximize: ascend instead of descend.
         foreach: use the multi-tensor ``torch._foreach_*`` path; ``None`` picks it when all
             parameters are on a GPU.
+        compile_update: compute the signs and the momentum (:func:`lion_directions_`) through
+            ``torch.compile(fullgraph=True)``; the learning rate and weight decay are applied
+            eagerly (:mod:`guided_descent.optimizers.compiled`). Default False (eager; measured
+            in docs/benchmarks.md).
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
             ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
 
@@ -170,6 +199,7 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
         cautious_weight_decay: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
+        compile_update: bool = False,
         on_nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
@@ -182,6 +212,7 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
             foreach=foreach,
         )
         validate_hyperparams("lion", defaults)
+        self.compile_update = check_compile_update("lion", compile_update)
         self._init_guard(on_nonfinite)
         super().__init__(params, defaults)
         self._place_counters(None)  # before any compiled step, which could not create them
@@ -239,6 +270,7 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
                 ok=ok,
                 cautious=group.get("cautious", False),
                 cautious_weight_decay=group.get("cautious_weight_decay", False),
+                compile_directions=self.compile_update,
             )
             for p, value in zip(params, step_rms, strict=True):
                 self._observe(p, update_rms=value)

@@ -27,6 +27,7 @@ from guided_descent.linalg.newton_schulz import (
     cpu_bf16_matmul,
     default_compute_dtype,
 )
+from guided_descent.optimizers.compiled import check_compile_update, kernel
 from guided_descent.optimizers.hybrid import HybridOptimizer, adamw_defaults, plan_groups
 from guided_descent.optimizers.registry import OptimizerSpec, register
 from guided_descent.optimizers.validation import validate_hyperparams
@@ -145,6 +146,11 @@ class Muon(HybridOptimizer):
             have the same sign (Chen et al. 2025, arXiv 2510.12402). Default False.
             Both cautious flags act on the Muon groups only: the AdamW groups run torch's
             AdamW kernel unchanged (a cautious AdamW would mean re-implementing it).
+        compile_update: run the orthogonalization (:func:`~guided_descent.preconditioners.
+            orthogonalize.orthogonalize`: views, normalization and Newton–Schulz) through
+            ``torch.compile(fullgraph=True)`` on the local path; momentum, the variants and the
+            step itself stay eager (:mod:`guided_descent.optimizers.compiled`). Default False
+            (eager; measured in docs/benchmarks.md).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW groups
             (3e-4, (0.9, 0.95), 1e-8, 0).
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
@@ -192,6 +198,7 @@ class Muon(HybridOptimizer):
         eps: float = DEFAULT_EPS,
         cautious: bool = False,
         cautious_weight_decay: bool = False,
+        compile_update: bool = False,
         adamw_lr: float = DEFAULT_ADAMW_LR,
         adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
         adamw_eps: float = 1e-8,
@@ -217,6 +224,7 @@ class Muon(HybridOptimizer):
             cautious_weight_decay=cautious_weight_decay,
         )
         _check_muon_options("muon", defaults)
+        self.compile_update = check_compile_update("muon", compile_update)
         cpu_bf16_matmul()  # detected now, eagerly: a compiled step then reads a stored bool
         defaults["ns_coefficients"] = _normalized_coefficients(ns_coefficients, ns_steps)
         adamw = adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
@@ -287,6 +295,8 @@ class Muon(HybridOptimizer):
         orthogonalizer = None
         if self.work_split is not None:
             orthogonalizer = partial(self._split_orthogonalize, group)
+        elif self.compile_update:  # Newton–Schulz compiled; the rest, lr included, eager
+            orthogonalizer = partial(self._orthogonalize, group, compiled=True)
         updates_rms = muon_update(
             params,
             grads,
@@ -312,8 +322,10 @@ class Muon(HybridOptimizer):
         for p, value in zip(params, updates_rms, strict=True):
             self._observe(p, update_rms=value)
 
-    def _orthogonalize(self, group: Mapping[str, Any], directions: list[Tensor]) -> list[Tensor]:
-        return orthogonalize(
+    def _orthogonalize(
+        self, group: Mapping[str, Any], directions: list[Tensor], compiled: bool = False
+    ) -> list[Tensor]:
+        return kernel(orthogonalize, compiled)(
             directions,
             group["matrix_view"],
             steps=group["ns_steps"],
@@ -461,6 +473,7 @@ def muon(
     eps: float = DEFAULT_EPS,
     cautious: bool = False,
     cautious_weight_decay: bool = False,
+    compile_update: bool = False,
     adamw_lr: float = DEFAULT_ADAMW_LR,
     adamw_betas: tuple[float, float] = DEFAULT_ADAMW_BETAS,
     adamw_eps: float = 1e-8,
@@ -502,6 +515,7 @@ def muon(
         eps=eps,
         cautious=cautious,
         cautious_weight_decay=cautious_weight_decay,
+        compile_update=compile_update,
         adamw_lr=adamw_lr,
         adamw_betas=adamw_betas,
         adamw_eps=adamw_eps,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from guided_descent.distributed.plan import diagonal_root_flops, inverse_root_flops
 from guided_descent.distributed.split import Distributed, TensorSpec, WorkSplit
+from guided_descent.optimizers.compiled import check_compile_update, kernel
 from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     adamw_defaults,
@@ -38,10 +39,10 @@ from guided_descent.preconditioners.shampoo import (
     InverseRoot,
     ShampooLayout,
     accumulate_factors_,
+    block_direction,
     identity_roots,
     inverse_roots,
     new_factors,
-    precondition_block,
     shampoo_layout,
 )
 from guided_descent.routing import Router, RoutingPolicy, set_policy
@@ -49,7 +50,6 @@ from guided_descent.transforms.grafting import (
     Grafting,
     accumulate_squares_,
     diagonal_update,
-    graft,
 )
 from guided_descent.transforms.masking import bias_correction, commit_, count_
 
@@ -158,6 +158,11 @@ class Shampoo(KroneckerOptimizer):
             factors (routing sets these per group for attention, recurrent and expert weights).
         grafting: ``"adam"`` (default), ``"adagrad"`` or ``"none"`` (the raw Shampoo direction;
             vectors and early steps still take Adam's update).
+        compile_update: run each block's preconditioned, grafted direction
+            (:func:`~guided_descent.preconditioners.shampoo.block_direction`) through
+            ``torch.compile(fullgraph=True)``; statistics and inverse roots stay eager
+            (:mod:`guided_descent.optimizers.compiled`). Default False (eager; measured in
+            docs/benchmarks.md).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: hyper-parameters of the AdamW groups;
             ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
@@ -205,6 +210,7 @@ class Shampoo(KroneckerOptimizer):
         max_factor_dim: int = 4096,
         matrix_view: str = "flatten",
         grafting: Grafting = "adam",
+        compile_update: bool = False,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] | None = None,
         adamw_eps: float | None = None,
@@ -232,6 +238,7 @@ class Shampoo(KroneckerOptimizer):
         )
         validate_hyperparams(PREFIX, defaults)
         _check_shampoo_options(PREFIX, defaults)
+        self.compile_update = check_compile_update(PREFIX, compile_update)
         adamw = adamw_defaults(
             adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, inherit=defaults
         )
@@ -525,15 +532,14 @@ class Shampoo(KroneckerOptimizer):
         grafting: Grafting,
     ) -> Tensor:
         keys = self._factor_keys(p)
+        direction = kernel(block_direction, self.compile_update)
         update = diagonal.clone()  # blocks without a preconditioner keep the diagonal step
         for b, block in enumerate(layout.blocks):
             if not block.preconditioned:
                 continue
             roots = [state[f"{key}.inv_root"][b] for key in keys]
-            direction = precondition_block(exp_avg_hat[block.index], roots)
-            if grafting != "none":
-                direction = graft(direction, diagonal[block.index])
-            update[block.index] = direction
+            magnitude = None if grafting == "none" else diagonal[block.index]
+            update[block.index] = direction(exp_avg_hat[block.index], roots, magnitude)
         return update
 
     def _momentum(
@@ -564,8 +570,8 @@ shampoo = routed_factory(
     "shampoo",
     """A :class:`Shampoo` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
 
-    Given an ``nn.Module``, hidden ``Linear``/``Conv`` weights go to Shampoo and embeddings, the
-    output head, norms and biases to AdamW (``routing`` overrides by ``fnmatch`` pattern,
+    Given an ``nn.Module``, hidden ``Linear``/``Conv`` weights and the output head go to Shampoo
+    and embeddings, norms and biases to AdamW (``routing`` overrides by ``fnmatch`` pattern,
     ``routing_policy`` changes what Shampoo takes, ``example_inputs`` settle the routing at once
     rather than at the first forward pass); given parameters, they are split by shape. The
     other arguments are :class:`Shampoo`'s.

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from guided_descent.distributed.plan import eigh_flops, qr_refresh_flops
 from guided_descent.distributed.split import Distributed, TensorSpec, WorkSplit
+from guided_descent.optimizers.compiled import check_compile_update, kernel
 from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import (
     adamw_defaults,
@@ -126,6 +127,11 @@ class SOAP(KroneckerOptimizer):
             ``"flatten"`` (default) rotates it as the tensor it is, one basis per dimension;
             ``"split:K"`` and ``"batch"`` rotate each of its matrices by bases of its own (routing
             sets these per group for attention, recurrent and expert weights).
+        compile_update: run the moment update and rotation (:func:`~guided_descent.
+            preconditioners.soap.soap_update`) through ``torch.compile(fullgraph=True)``; the
+            factor statistics and basis refreshes stay eager
+            (:mod:`guided_descent.optimizers.compiled`). Default False (eager; measured in
+            docs/benchmarks.md).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: hyper-parameters of the AdamW groups;
             ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
@@ -176,6 +182,7 @@ class SOAP(KroneckerOptimizer):
         matrix_view: str = "flatten",
         tiebreak: float = TIEBREAK,
         refresh_shift: float = REFRESH_SHIFT,
+        compile_update: bool = False,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] | None = None,
         adamw_eps: float | None = None,
@@ -198,6 +205,7 @@ class SOAP(KroneckerOptimizer):
             refresh_shift=refresh_shift,
         )
         validate_hyperparams(self.PREFIX, defaults)
+        self.compile_update = check_compile_update(self.PREFIX, compile_update)
         adamw = adamw_defaults(
             adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, inherit=defaults
         )
@@ -333,7 +341,8 @@ class SOAP(KroneckerOptimizer):
             else:
                 found = {d: state[f"{key}.basis"] for d, key in factors}
                 bases = MatrixBases(found.get(1), found.get(2))
-            step = state["step"] if sync_free else t
+            # A tensor for a compiled update too: a host int would be a new constant every step.
+            step = state["step"] if sync_free or self.compile_update else t
             update = self._direction(group, state, grad, stack, bases, step, ok).reshape(p.shape)
             self._observe(p, update_rms=rms(update, lr))
             consume(i, update)
@@ -369,7 +378,7 @@ class SOAP(KroneckerOptimizer):
         """Advance the moments by ``grad`` (in the group's view: ``stack`` or the tensor) and
         return the update in that view (SOAP: :func:`soap_update`)."""
         beta1, beta2 = group["betas"]
-        return soap_update(
+        return kernel(soap_update, self.compile_update)(
             grad,
             state["exp_avg"] if stack is None else state["exp_avg"].view(stack),
             state["exp_avg_sq"] if stack is None else state["exp_avg_sq"].view(stack),

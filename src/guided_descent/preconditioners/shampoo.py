@@ -52,6 +52,7 @@ from guided_descent.preconditioners.kronecker import (
     size_buckets,
 )
 from guided_descent.preconditioners.views import FLATTEN, block_lengths
+from guided_descent.transforms.grafting import graft
 from guided_descent.transforms.masking import commit_
 
 FactorKind = Literal["full", "diagonal", "skip"]
@@ -303,3 +304,12 @@ def inverse_roots(
 def precondition_block(block: Tensor, roots: Sequence[Tensor | None]) -> Tensor:
     """``block ×_0 P_0 ×_1 P_1 ...``: Shampoo's direction for one block (``None``: identity)."""
     return mode_product(block, roots)
+
+
+def block_direction(
+    block: Tensor, roots: Sequence[Tensor | None], magnitude: Tensor | None
+) -> Tensor:
+    """Shampoo's update of one block: :func:`precondition_block`, grafted to the Frobenius norm
+    of ``magnitude`` (the same block of the diagonal method's step) unless it is ``None``."""
+    direction = precondition_block(block, roots)
+    return direction if magnitude is None else graft(direction, magnitude)
