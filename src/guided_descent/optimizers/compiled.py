@@ -8,11 +8,18 @@ With the option on, the optimizer calls its free update function (:func:`~.lion.
 eigendecompositions and inverse roots, the distributed split, diagnostics -- stays eager, so a
 refresh step does not cost a recompilation and nothing host-side is traced.
 
+Only functions without a learning rate are compiled: the step size is applied eagerly. A Python
+float that changes every step (a scheduled ``lr``) is either specialized by dynamo -- one
+recompilation per value until the recompile limit -- or, in torch 2.13 with Lion's update written
+out (``lr`` in ``alpha=-lr`` and in the step-RMS diagnostic), silently reused from the previous
+compilation: the third step of a schedule moved by the second step's ``lr``. SOAP's bias
+corrections likewise read the ``step`` tensor, not a host int, when compiled.
+
 What to expect from it:
 
 * the first steps compile (seconds per distinct parameter-list layout on CPU inductor); a second
-  shape or a changing learning rate costs one more compilation, after which dynamo treats sizes
-  and floats as symbolic, so a normal run compiles a handful of graphs per function;
+  shape costs one more compilation, after which dynamo treats sizes as symbolic, so a normal run
+  compiles a handful of graphs per function (``tests/test_compile_update.py`` bounds it);
 * results equal the eager path up to float rounding (inductor fuses and reorders elementwise
   arithmetic), not bit for bit;
 * whether it is faster depends on the device and the model: ``guided-descent bench step`` with
