@@ -54,3 +54,30 @@ def test_bench_step_quick_writes_table_figure_and_claims(tmp_path, capsys):
     assert all(c["passed"] for c in summary["claims"])
     report = (out / "report.md").read_text()
     assert "./step_time.png" in report and (out / "step_time.png").is_file()
+
+
+def test_hyper_reaches_the_optimizer_and_its_matrix_state_bytes():
+    from guided_descent.experiments.bench_step import SIZES, measure
+
+    rows = []
+    for hyper in ((), ("muon.state_dtype=bfloat16",)):
+        config = Config(optimizers=("muon",), size="tiny", steps=1, warmup=1, hyper=hyper)
+        rows.append(measure("muon", SIZES["tiny"], torch.device("cpu"), config, 0))
+    # Muon's own state is one momentum per matrix entry: 4 bytes in float32, 2 in bfloat16; the
+    # AdamW groups (embeddings, head, norms) keep theirs in float32 either way.
+    assert [r["matrix_state_bytes"] / r["matrix_params"] for r in rows] == [4.0, 2.0]
+    adamw = [r["state_bytes"] - r["matrix_state_bytes"] for r in rows]
+    assert adamw[0] == adamw[1] > 0
+
+
+@pytest.mark.parametrize(
+    ("hyper", "match"),
+    [
+        (("muon.state_dtype=float16",), r"hyper: muon: state_dtype must be .* got torch.float16"),
+        (("soap.lr=0.1",), "soap is not among the optimizers"),
+        (("muon-lr=0.1",), "expected NAME.KEY=VALUE"),
+    ],
+)
+def test_config_refuses_bad_hyper_entries(hyper, match):
+    with pytest.raises(ValueError, match=match):
+        Config(optimizers=("muon",), hyper=hyper)

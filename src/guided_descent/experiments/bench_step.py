@@ -32,10 +32,15 @@ import torch
 
 import guided_descent as gd
 from guided_descent import distributed as gdd
-from guided_descent.experiments.config import ExperimentConfig, option
+from guided_descent.experiments.config import (
+    ExperimentConfig,
+    check_hyper,
+    option,
+    parse_overrides,
+)
 from guided_descent.experiments.progress import Progress
 from guided_descent.experiments.records import Claim, RunDir
-from guided_descent.routing import route
+from guided_descent.routing import FALLBACK, route
 from guided_descent.tasks.gpt import GPT, GPT2_SMALL, GPTConfig
 
 # `--nproc N` splits this benchmark's matrix work across N processes (see the docstring).
@@ -76,6 +81,11 @@ class Config(ExperimentConfig):
     size: str = option("auto", "parameter shapes: auto (gpt2-small on CUDA, small on CPU), "
                        "gpt2-small, small or tiny")
     device: str = option("cpu", "cpu, cuda or cuda:N")
+    hyper: tuple[str, ...] = option(
+        (), "override a hyper-parameter of one of the timed optimizers: NAME.KEY=VALUE, "
+        "comma-separated (e.g. muon.state_dtype=bfloat16); VALUE is a number, true/false/none, "
+        "a torch dtype name or a word"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +104,14 @@ class Config(ExperimentConfig):
                     f"{name} needs forward passes through the model; bench step times "
                     "optimizer.step() on fixed gradients only (use bench train)"
                 )
+        for name, kwargs in self.overrides().items():  # parses, and names the bad entry
+            if name not in self.optimizers:
+                raise ValueError(f"hyper: {name} is not among the optimizers of this run")
+            check_hyper(name, {"on_nonfinite": "off", **kwargs})
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """``--hyper`` as {optimizer: {key: value}}."""
+        return parse_overrides(self.hyper)
 
     @classmethod
     def quick(cls) -> Config:
@@ -110,8 +128,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes held in optimizer state tensors (each storage counted once)."""
+def state_bytes(opt: torch.optim.Optimizer, params: list[torch.Tensor] | None = None) -> int:
+    """Bytes held in optimizer state tensors (each storage counted once), of ``params`` only
+    when given."""
     seen: set[int] = set()
     total = 0
 
@@ -129,9 +148,20 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
             for x in v:
                 walk(x)
 
-    for s in opt.state.values():
-        walk(s)
+    wanted = None if params is None else {id(q) for q in params}
+    for p, s in opt.state.items():
+        if wanted is None or id(p) in wanted:
+            walk(s)
     return total
+
+
+def matrix_params(opt: torch.optim.Optimizer) -> list[torch.Tensor] | None:
+    """The parameters of a hybrid optimizer's matrix groups (``None`` for one without AdamW
+    groups alongside): its own state, apart from the AdamW state of the routed-out rest."""
+    groups = opt.param_groups
+    if not any(g.get("algorithm") == FALLBACK for g in groups):
+        return None
+    return [p for g in groups if g.get("algorithm") != FALLBACK for p in g["params"]]
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float | None:
@@ -165,9 +195,13 @@ def _model(layout: GPTConfig, device: torch.device, seed: int) -> tuple[GPT, lis
 
 
 def _build(
-    name: str, model: GPT, split: gdd.WorkSplit | None = None
+    name: str,
+    model: GPT,
+    split: gdd.WorkSplit | None = None,
+    hyper: dict[str, Any] | None = None,
 ) -> tuple[torch.optim.Optimizer, int]:
-    """The optimizer and how many parameters it updates; ``split`` for those that take one."""
+    """The optimizer and how many parameters it updates; ``split`` for those that take one,
+    ``hyper`` (``--hyper``'s values for ``name``) passed to the registry."""
     if name == ADAMW_FUSED:
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=1e-3, fused=True), sum(p.numel() for p in params)
@@ -180,7 +214,7 @@ def _build(
     # read of every gradient and one sync per step).
     takes_split = split is not None and "distributed" in gd.optimizers()[name].hyperparams
     extra = {"distributed": split} if takes_split else {}
-    opt = gd.create(name, model, on_nonfinite="off", **extra)
+    opt = gd.create(name, model, on_nonfinite="off", **extra, **(hyper or {}))
     return opt, sum(p.numel() for g in opt.param_groups for p in g["params"])
 
 
@@ -219,7 +253,7 @@ def measure(
     # CPU runs and multi-process runs only (a single-GPU step time stays undisturbed).
     timing = device.type == "cpu" or world_size > 1
     split = gdd.WorkSplit(timing=True) if timing else None
-    opt, n_params = _build(name, model, split)
+    opt, n_params = _build(name, model, split, cfg.overrides().get(name))
     params = list(model.parameters())
     time_steps(opt, params, grads, cfg.warmup, 0, device)
     # Optimizers built with the split count their matrix work there.
@@ -241,6 +275,10 @@ def measure(
         "finite": finite,
         "param_checksum": float(sum(p.detach().double().square().sum() for p in params)),
     }
+    matrix = matrix_params(opt)
+    if matrix:  # a hybrid's own state, without its AdamW groups' (e.g. Muon's state_dtype)
+        result["matrix_state_bytes"] = state_bytes(opt, matrix)
+        result["matrix_params"] = sum(p.numel() for p in matrix)
     if stats is not None and timing:
         # 0 when no refresh fell into the timed steps (Shampoo, SOAP: every 10 steps).
         seconds = sum(k["seconds"] for k in work.values() if k["seconds"] is not None)
@@ -319,6 +357,10 @@ def summarize(rows: list[dict], layout: GPTConfig, bandwidth: float | None) -> d
             "finite": all(r["finite"] for r in rs),
             "param_checksum": rs[0].get("param_checksum"),
         }
+        if "matrix_state_bytes" in rs[0]:
+            table[name]["matrix_state_bytes_per_param"] = (
+                rs[0]["matrix_state_bytes"] / rs[0]["matrix_params"]
+            )
         for key in ("precond_ms", "precond_cpu_ms"):
             if key in rs[0]:
                 table[name][key] = statistics.median(r[key] for r in rs)

@@ -54,7 +54,6 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 import torch
-from torch import nn
 
 import guided_descent as gd
 from guided_descent.experiments import peers as peer_lib
@@ -82,7 +81,12 @@ from guided_descent.experiments.bench.results import (
 )
 from guided_descent.experiments.bench.sweep import finished_runs, run_optimizer
 from guided_descent.experiments.bench.workloads import WORKLOADS, Problem, Ranking, Workload
-from guided_descent.experiments.config import ExperimentConfig, option
+from guided_descent.experiments.config import (
+    ExperimentConfig,
+    check_hyper,
+    option,
+    parse_overrides,
+)
 from guided_descent.experiments.progress import Progress
 from guided_descent.experiments.records import ENV, RunDir, read_json, write_json
 from guided_descent.optimizers.registry import unknown_name
@@ -171,7 +175,7 @@ class Config(ExperimentConfig):
             if name not in self.names():
                 raise ValueError(f"hyper: {name} is not among the optimizers of this run")
             required = {"loss": workload.ng_loss} if name == "natural_gradient" else {}
-            _check_hyper(name, {**required, **kwargs})
+            check_hyper(name, {**required, **kwargs})
         if AUTO in self.optimizers and len(self.optimizers) > 1:
             raise ValueError("optimizers: 'auto' cannot be combined with other names")
         for name in ("budget_steps", "batch_size", "eval_every", "warmup_steps"):
@@ -210,14 +214,7 @@ class Config(ExperimentConfig):
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         """``--hyper`` as {optimizer: {key: value}}."""
-        out: dict[str, dict[str, Any]] = {}
-        for entry in self.hyper:
-            target, eq, text = entry.partition("=")
-            name, dot, key = target.strip().partition(".")
-            if not (eq and dot and name and key.isidentifier()):
-                raise ValueError(f"hyper: expected NAME.KEY=VALUE, got {entry!r}")
-            out.setdefault(name, {})[key] = parse_value(text.strip())
-        return out
+        return parse_overrides(self.hyper)
 
     def check_world_size(self, world: int) -> None:
         """Refuse what cannot run data-parallel on ``world`` processes (before any launch)."""
@@ -274,37 +271,6 @@ class Config(ExperimentConfig):
         if self.peers:
             names += [p for p in peer_lib.PEERS if p not in names]
         return names
-
-
-def parse_value(text: str) -> Any:
-    """A ``--hyper`` value: int, float, bool, None, a torch dtype (``bfloat16``), else the word."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    dtype = getattr(torch, text, None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return text
-
-
-def _check_hyper(name: str, kwargs: dict[str, Any]) -> None:
-    """Build ``name`` once on a tiny model with ``kwargs``: the registry names what it rejects."""
-    probe = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
-    try:
-        opt = gd.create(name, probe, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"hyper: {e}") from None
-    remove = getattr(opt, "remove_hooks", None)
-    if callable(remove):
-        remove()
-
 
 
 def _environment_extras(config: Config) -> dict[str, Any]:

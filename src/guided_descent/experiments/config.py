@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 import torch
+from torch import nn
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -72,3 +73,50 @@ class ExperimentConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
         return cls(**kwargs)
+
+
+# ------------------------------------------------------- --hyper NAME.KEY=VALUE (bench train, step)
+
+
+def parse_value(text: str) -> Any:
+    """A ``--hyper`` value: int, float, bool, None, a torch dtype (``bfloat16``), else the word."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    dtype = getattr(torch, text, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return text
+
+
+def parse_overrides(entries: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``--hyper`` entries ``NAME.KEY=VALUE`` as {optimizer: {key: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        target, eq, text = entry.partition("=")
+        name, dot, key = target.strip().partition(".")
+        if not (eq and dot and name and key.isidentifier()):
+            raise ValueError(f"hyper: expected NAME.KEY=VALUE, got {entry!r}")
+        out.setdefault(name, {})[key] = parse_value(text.strip())
+    return out
+
+
+def check_hyper(name: str, kwargs: dict[str, Any]) -> None:
+    """Build ``name`` once on a tiny model with ``kwargs``: the registry names what it rejects."""
+    import guided_descent as gd  # the library's entry point; experiments sit above it
+
+    probe = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    try:
+        opt = gd.create(name, probe, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"hyper: {e}") from None
+    remove = getattr(opt, "remove_hooks", None)
+    if callable(remove):
+        remove()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping
+from itertools import chain
 from typing import Any
 
 import torch
@@ -37,6 +38,12 @@ from guided_descent.transforms.cautious import (
 )
 from guided_descent.transforms.descend import step_rms
 from guided_descent.transforms.masking import commit_
+from guided_descent.transforms.state_dtype import (
+    STATE_DTYPE_DEFAULT,
+    compute_dtype,
+    parse_state_dtype,
+    state_zeros,
+)
 
 
 def lion(
@@ -64,9 +71,13 @@ def lion(
     ``cautious`` / ``cautious_weight_decay``: see the module docstring; either one takes the
     per-tensor path (the mask's kept fraction is per tensor). ``compile_directions``: compute
     the signs and the momentum (:func:`lion_directions_`) through ``torch.compile``
-    (per-tensor path; see :mod:`guided_descent.optimizers.compiled`).
+    (per-tensor path; see :mod:`guided_descent.optimizers.compiled`). So does a momentum stored
+    in another dtype than its parameter's (``state_dtype``): it is read widened to at least
+    float32, the step is the float32 step from that value, and the new momentum is rounded into
+    the buffer once.
     """
-    if foreach and not (cautious or cautious_weight_decay or compile_directions):
+    apart = any(m.dtype != p.dtype for p, m in zip(params, exp_avgs, strict=True))
+    if foreach and not (cautious or cautious_weight_decay or compile_directions or apart):
         return _lion_foreach(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, ok)
     directions = kernel(lion_directions_, compile_directions)(
         grads, exp_avgs, beta1=beta1, beta2=beta2, maximize=maximize, ok=ok
@@ -99,6 +110,12 @@ def lion_directions_(
     for g, m in zip(grads, exp_avgs, strict=True):
         if maximize:
             g = -g
+        if m.dtype != g.dtype:  # stored apart (state_dtype): compute widened, round once
+            dtype = compute_dtype(m, g)
+            g, wide = g.to(dtype), m.to(dtype)
+            signs.append(wide.lerp(g, 1.0 - beta1).sign_())
+            commit_(m, wide.lerp(g, 1.0 - beta2), ok)
+            continue
         signs.append(m.lerp(g, 1.0 - beta1).sign_())  # a fresh buffer, signed in place
         if ok is None:
             m.lerp_(g, 1.0 - beta2)
@@ -181,8 +198,15 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
             in docs/benchmarks.md).
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
             ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
+        state_dtype: the dtype ``exp_avg`` is stored in: ``None`` (default) the parameter's;
+            ``torch.bfloat16`` halves a float32 model's state (``torch.float32`` or the names
+            ``"bfloat16"``/``"float32"`` are accepted too). A step reads it widened to float32,
+            computes what the float32 path computes and rounds into it once
+            (:mod:`guided_descent.transforms.state_dtype`); such a group takes the per-tensor
+            path, not ``foreach``.
 
-    State per parameter: ``exp_avg`` (one buffer the size of the parameter, in its dtype).
+    State per parameter: ``exp_avg`` (one buffer the size of the parameter, in its dtype or in
+    ``state_dtype``).
     """
 
     STATE_NAME = "Lion"
@@ -201,6 +225,7 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
         foreach: bool | None = None,
         compile_update: bool = False,
         on_nonfinite: str = "skip",
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -213,6 +238,7 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
         )
         validate_hyperparams("lion", defaults)
         self.compile_update = check_compile_update("lion", compile_update)
+        defaults["state_dtype"] = parse_state_dtype("lion", state_dtype)
         self._init_guard(on_nonfinite)
         super().__init__(params, defaults)
         self._place_counters(None)  # before any compiled step, which could not create them
@@ -224,15 +250,23 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load after the guard's checks; a state dict saved before the cautious flags
-        existed loads with both off."""
+        existed loads with both off; the momentum is restored in the dtype it was saved in (torch
+        would cast a ``state_dtype`` buffer to the parameter's dtype)."""
+        state_dict = with_group_keys(state_dict, STATE_DTYPE_DEFAULT)
         super().load_state_dict(with_group_keys(state_dict, CAUTIOUS_OFF))
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id, {}).get("exp_avg")
+            if isinstance(saved, Tensor) and saved.dtype != self.state[p]["exp_avg"].dtype:
+                self.state[p]["exp_avg"] = saved.to(device=p.device, copy=True)
 
     def _init_group(self, group: dict[str, Any]) -> None:
         """Create the missing momentum of ``group``'s parameters that have a gradient; dynamo runs
         a method of this name eagerly under ``torch.compile`` (see ``HybridOptimizer``)."""
         for p in group["params"]:
             if p.grad is not None and not self.state.get(p):
-                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p]["exp_avg"] = state_zeros(p, group.get("state_dtype"))
 
     @torch.no_grad()
     def _update(self, ok: Tensor | None = None) -> None:
@@ -247,7 +281,7 @@ class Lion(GuardedOptimizer, torch.optim.Optimizer):
                     raise RuntimeError("Lion does not support sparse gradients")
                 state = self.state[p]
                 if not state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = state_zeros(p, group.get("state_dtype"))
                 params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])

@@ -45,6 +45,11 @@ from guided_descent.preconditioners.orthogonalize import (
 from guided_descent.routing import Router, RoutingPolicy, set_policy
 from guided_descent.transforms.cautious import CAUTIOUS_OFF, with_group_keys
 from guided_descent.transforms.descend import step_rms
+from guided_descent.transforms.state_dtype import (
+    STATE_DTYPE_DEFAULT,
+    parse_state_dtype,
+    state_zeros,
+)
 
 DEFAULT_LR = 0.02
 DEFAULT_MOMENTUM = 0.95
@@ -155,6 +160,13 @@ class Muon(HybridOptimizer):
             (3e-4, (0.9, 0.95), 1e-8, 0).
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
             ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
+        state_dtype: the dtype ``momentum_buffer`` and AdaMuon's ``adamuon.exp_avg_sq`` are
+            stored in: ``None`` (default) the parameter's; ``torch.bfloat16`` halves a float32
+            model's state (``torch.float32`` or the names ``"bfloat16"``/``"float32"`` are
+            accepted too). A step reads the buffers widened to float32, computes what the float32
+            path computes and rounds into them once (:mod:`guided_descent.transforms.state_dtype`).
+            NorMuon's per-row ``normuon.row_sq`` stays at least float32 (it is tiny), and the
+            AdamW groups keep torch's AdamW state, in the parameter's dtype.
         distributed: split the Newton–Schulz work between data-parallel replicas: every
             matrix is orthogonalized by one rank (balanced by FLOPs) and the results are
             all-gathered. ``None`` (default): only when :func:`muon` is given a DDP module;
@@ -204,6 +216,7 @@ class Muon(HybridOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         on_nonfinite: str = "skip",
+        state_dtype: torch.dtype | str | None = None,
         distributed: Distributed = None,
         router: Router | None = None,
     ) -> None:
@@ -226,6 +239,7 @@ class Muon(HybridOptimizer):
         _check_muon_options("muon", defaults)
         self.compile_update = check_compile_update("muon", compile_update)
         cpu_bf16_matmul()  # detected now, eagerly: a compiled step then reads a stored bool
+        defaults["state_dtype"] = parse_state_dtype("muon", state_dtype)
         defaults["ns_coefficients"] = _normalized_coefficients(ns_coefficients, ns_steps)
         adamw = adamw_defaults(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
         super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
@@ -238,11 +252,15 @@ class Muon(HybridOptimizer):
         if "ns_coefficients" in param_group or "ns_steps" in param_group:
             coefficients = _normalized_coefficients(merged["ns_coefficients"], merged["ns_steps"])
             param_group = {**param_group, "ns_coefficients": coefficients}
+        if "state_dtype" in param_group:  # checked with the rest above; stored as a dtype
+            dtype = parse_state_dtype("muon", param_group["state_dtype"])
+            param_group = {**param_group, "state_dtype": dtype}
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load (through the base classes' checks); a Muon group saved before
         ``variant``, ``beta2``, ``eps`` and the cautious flags existed loads as plain Muon."""
+        state_dict = with_group_keys(state_dict, STATE_DTYPE_DEFAULT, self.ALGORITHM)
         super().load_state_dict(with_group_keys(state_dict, _LEGACY_GROUP, self.ALGORITHM))
 
     def matrix_step(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
@@ -417,10 +435,12 @@ class Muon(HybridOptimizer):
 
     def _create_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
         """The missing state of ``p``: the momentum and the variant's second moment (NorMuon's per
-        row in at least float32 -- it is tiny; AdaMuon's in ``p``'s dtype, like the momentum)."""
+        row in at least float32 -- it is tiny; AdaMuon's in ``p``'s dtype, like the momentum, or in
+        the group's ``state_dtype``)."""
         state = self.state[p]
+        stored = group.get("state_dtype")  # None: p's dtype (and a group saved without the key)
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = state_zeros(p, stored)
         variant = group["variant"]
         key = SECOND_MOMENT.get(variant)
         if key is None or key in state:
@@ -430,7 +450,7 @@ class Muon(HybridOptimizer):
             dtype = torch.promote_types(p.dtype, torch.float32)
             state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
         else:
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[key] = state_zeros(p, stored)
 
     def init_matrix_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
         self._create_state(p, group)
@@ -482,6 +502,7 @@ def muon(
     routing_policy: RoutingPolicy | None = None,
     example_inputs: Any = None,
     on_nonfinite: str = "skip",
+    state_dtype: torch.dtype | str | None = None,
     distributed: Distributed = None,
 ) -> Muon:
     """A :class:`Muon` for a model (routed: :func:`guided_descent.routing.route`) or parameters.
@@ -521,6 +542,7 @@ def muon(
         adamw_eps=adamw_eps,
         adamw_weight_decay=adamw_weight_decay,
         on_nonfinite=on_nonfinite,
+        state_dtype=state_dtype,
         distributed=auto(distributed, target),
         router=router,
     )

@@ -21,6 +21,7 @@ from guided_descent.preconditioners.natural_gradient import OUTPUT_LOSSES
 from guided_descent.preconditioners.orthogonalize import ADJUST_LR, MUON_VARIANTS
 from guided_descent.preconditioners.views import parse_view
 from guided_descent.transforms.grafting import GRAFTINGS
+from guided_descent.transforms.state_dtype import check_state_dtype
 
 Check = Callable[[str, Any], None]
 
@@ -172,6 +173,8 @@ CHECKS: dict[str, Check] = {
     # where an optimizer defines them (Lion, Muon): guided_descent.transforms.cautious
     "cautious": _boolean("cautious"),
     "cautious_weight_decay": _boolean("cautious_weight_decay"),
+    # where an optimizer defines it (Lion, Muon, ...): guided_descent.transforms.state_dtype
+    "state_dtype": check_state_dtype,
     # Muon
     "ns_steps": positive_int("ns_steps"),
     "ns_dtype": _float_dtype,

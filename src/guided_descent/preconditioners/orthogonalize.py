@@ -102,6 +102,7 @@ from guided_descent.preconditioners.views import matrix_shape
 from guided_descent.transforms.cautious import cautious_update, decayed
 from guided_descent.transforms.descend import step_rms
 from guided_descent.transforms.masking import commit_
+from guided_descent.transforms.state_dtype import compute_dtype
 
 __all__ = [
     "ADJUST_LR",
@@ -134,7 +135,17 @@ def momentum_direction(
     With ``nesterov`` the direction is a fresh tensor ``(1 - mu) grad + mu buf``; without, it is
     ``buf`` itself (do not modify it). ``grad`` is never modified. With ``ok`` (a 0-d bool
     tensor) ``buf`` changes only where it is true; the direction is computed either way.
+
+    A ``buf`` stored in another dtype than ``grad``'s (``state_dtype``) is read widened
+    (:func:`~guided_descent.transforms.state_dtype.compute_dtype`), updated there and rounded into
+    ``buf`` once; the direction is formed from the unrounded value, in that wider dtype.
     """
+    if buf.dtype != grad.dtype:
+        dtype = compute_dtype(buf, grad)
+        wide_grad = grad.to(dtype)
+        new = buf.to(dtype).lerp(wide_grad, 1.0 - momentum)  # a fresh tensor, not buf
+        commit_(buf, new, ok)
+        return wide_grad.lerp(new, momentum) if nesterov else new
     if ok is None:
         buf.lerp_(grad, 1.0 - momentum)
         new = buf
@@ -259,6 +270,7 @@ def adamuon_normalize(
     beta2: float,
     eps: float,
     ok: Tensor | None = None,
+    widen: bool = False,
 ) -> Tensor:
     """AdaMuon's element-wise normalization and RMS rescaling of one orthogonalized update (of
     the sign of the direction: the caller takes it; module docstring).
@@ -268,10 +280,17 @@ def adamuon_normalize(
     ``ok`` when given); it is formed in at least float32 and rounded into its dtype once, and the
     update divides by that rounded value on both paths. Returns ``Ô`` in ``o``'s shape, at least
     float32, with Frobenius norm ``sqrt(min(m, n))`` per matrix (up to ``eps``).
+
+    ``widen``: ``exp_avg_sq`` is kept in another dtype than the parameter's (``state_dtype``): the
+    moment is formed from its value widened to ``x``'s dtype, rounded once into ``exp_avg_sq``, and
+    the update divides by the unrounded value -- the step the float32 path takes from that state.
     """
     count, m, n = matrix_shape(o.shape, view)
     x = _working_copy(o)
-    if ok is None:
+    if widen:
+        v = exp_avg_sq.to(compute_dtype(exp_avg_sq, x)).mul(beta2).addcmul_(x, x, value=1.0 - beta2)
+        commit_(exp_avg_sq, v, ok)
+    elif ok is None:
         v = exp_avg_sq.mul_(beta2).addcmul_(x, x, value=1.0 - beta2)
     else:
         v = exp_avg_sq.mul(beta2).addcmul_(x, x, value=1.0 - beta2)
@@ -311,7 +330,9 @@ def muon_update(
     ``params``, ``grads`` and ``momentum_buffers`` are parallel lists of tensors of one shape each
     (buffers in the parameter's dtype). The update rule is in the module docstring. Returns the
     RMS of each parameter's step ``lr · scale · O`` (weight decay excluded) as 0-d tensors, for
-    diagnostics: one norm per parameter, no host sync.
+    diagnostics: one norm per parameter, no host sync. Buffers kept in another dtype
+    (``state_dtype``) are read widened and rounded once when stored (:func:`momentum_direction`,
+    :func:`adamuon_normalize`).
 
     ``orthogonalizer`` replaces the local :func:`orthogonalize` of the directions (same
     contract: the list of ``O``, one per direction, in the compute dtype); the optimizer passes
@@ -353,7 +374,10 @@ def muon_update(
         if variant == "normuon":
             o = normuon_normalize(o, sq, matrix_view, beta2=beta2, eps=moment_eps, ok=ok)
         elif variant == "adamuon":
-            o = adamuon_normalize(o, sq, matrix_view, beta2=beta2, eps=moment_eps, ok=ok)
+            widen = sq.dtype != p.dtype  # a state_dtype other than the parameter's
+            o = adamuon_normalize(
+                o, sq, matrix_view, beta2=beta2, eps=moment_eps, ok=ok, widen=widen
+            )
         if cautious:
             o = cautious_update(o, g)
         # o is in the compute dtype; the in-place add computes in the wider of the two dtypes and

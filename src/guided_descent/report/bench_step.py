@@ -84,6 +84,15 @@ def render(run_dir: Path) -> Path:
         ),
         "",
     ]
+    matrix = {n: r for n, r in rows.items() if "matrix_state_bytes_per_param" in r}
+    if matrix:
+        lines += [
+            "State of the matrix groups alone (the hybrids' AdamW groups left out), bytes per "
+            "parameter they update: "
+            + ", ".join(f"{n} {r['matrix_state_bytes_per_param']:.2f}" for n, r in matrix.items())
+            + ".",
+            "",
+        ]
     floors = {n: r for n, r in rows.items() if "floor_ms" in r}
     if floors:
         bw = results["copy_bandwidth_bytes_per_s"] / 1e12
