@@ -25,6 +25,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.
 #    Shampoo/SOAP amortized vs fused AdamW (mean and max step).
 step step-gpt2s bench step --device cuda --size gpt2-small --seeds 5 \
   --optimizers adamw,lion,muon,normuon,shampoo,soap,kl_shampoo,kl_soap,psgd_kron
+# 1b. The opt-in compiled kernels and bf16 state on CUDA, against 1's eager float32-state numbers
+#    (docs/benchmarks.md, "Compiled updates"; eager stays the default unless this says otherwise).
+step step-gpt2s-compiled bench step --device cuda --size gpt2-small --seeds 5 \
+  --optimizers adamw,lion,muon,shampoo,soap \
+  --hyper lion.compile_update=true,muon.compile_update=true,shampoo.compile_update=true,soap.compile_update=true
+step step-gpt2s-bf16-state bench step --device cuda --size gpt2-small --seeds 5 \
+  --optimizers adamw,lion,muon --hyper lion.state_dtype=bfloat16,muon.state_dtype=bfloat16
 # 2. Time to AdamW's final loss on charlm-gpu, compiled, 5 seeds, then with the peers.
 step charlm-gpu bench train charlm-gpu --device cuda --compile --budget-minutes 5 --seeds 5
 step charlm-gpu-peers bench train charlm-gpu --device cuda --compile --budget-minutes 5 \
