@@ -108,7 +108,8 @@ def test_rotated_step_matches_dense_rotation_reference():
         rotated = (QL.T @ m @ QR) / (1 - beta1**t) / ((v / (1 - beta2**t)).sqrt() + eps)
         ref = ref * (1 - lr * wd) - lr * QL @ rotated @ QR.T
         torch.testing.assert_close(W.detach(), ref, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(opt.state[W]["exp_avg"], m)  # first moment: original space
+    # First moment: kept in the rotated space (m' = Q_Lᵀ m Q_R), as the second moment.
+    torch.testing.assert_close(opt.state[W]["soap.exp_avg_rotated"], QL.T @ m @ QR)
     torch.testing.assert_close(opt.state[W]["exp_avg_sq"], v)  # second moment: rotated space
 
 
@@ -227,7 +228,7 @@ def test_bfloat16_params_keep_float32_state_and_track_float32():
     assert W16.dtype == torch.bfloat16
     torch.testing.assert_close(W16.float(), W32.detach(), atol=2e-2, rtol=0)
     state = opts[0].state[W16]
-    for key in ("exp_avg", "exp_avg_sq", "soap.L", "soap.L.basis", "soap.R.basis"):
+    for key in ("soap.exp_avg_rotated", "exp_avg_sq", "soap.L", "soap.L.basis", "soap.R.basis"):
         assert state[key].dtype == torch.float32, key
 
 
