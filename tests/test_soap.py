@@ -458,3 +458,14 @@ def test_an_old_state_dict_with_a_basis_of_the_wrong_shape_is_refused_by_name():
                   for g in groups], precondition_frequency=3, **HP)
     with pytest.raises(gd.StateDictMismatchError, match=r"'soap\.L\.basis' has shape \(4, 4\)"):
         fresh.load_state_dict(old)
+
+
+def test_rebase_carries_coordinates_along_one_dimension_of_any_order():
+    # rebase(x, d, Q_old, Q_new) = x ×_d (Q_newᵀ Q_old); float64, so equal to 1e-12 (a few
+    # products of O(1) entries, u = 1.1e-16).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g, dtype=F64)
+    for d, n in enumerate(x.shape):
+        old, new = (torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0] for _ in "ab")
+        expected = torch.movedim(torch.tensordot(new.T @ old, x, dims=([1], [d])), 0, d)
+        torch.testing.assert_close(soap_math.rebase(x, d, old, new), expected, atol=1e-12, rtol=0)
