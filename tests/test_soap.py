@@ -108,7 +108,8 @@ def test_rotated_step_matches_dense_rotation_reference():
         rotated = (QL.T @ m @ QR) / (1 - beta1**t) / ((v / (1 - beta2**t)).sqrt() + eps)
         ref = ref * (1 - lr * wd) - lr * QL @ rotated @ QR.T
         torch.testing.assert_close(W.detach(), ref, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(opt.state[W]["exp_avg"], m)  # first moment: original space
+    # First moment: kept in the rotated space (m' = Q_Lᵀ m Q_R), as the second moment.
+    torch.testing.assert_close(opt.state[W]["soap.exp_avg_rotated"], QL.T @ m @ QR)
     torch.testing.assert_close(opt.state[W]["exp_avg_sq"], v)  # second moment: rotated space
 
 
@@ -227,7 +228,7 @@ def test_bfloat16_params_keep_float32_state_and_track_float32():
     assert W16.dtype == torch.bfloat16
     torch.testing.assert_close(W16.float(), W32.detach(), atol=2e-2, rtol=0)
     state = opts[0].state[W16]
-    for key in ("exp_avg", "exp_avg_sq", "soap.L", "soap.L.basis", "soap.R.basis"):
+    for key in ("soap.exp_avg_rotated", "exp_avg_sq", "soap.L", "soap.L.basis", "soap.R.basis"):
         assert state[key].dtype == torch.float32, key
 
 
@@ -295,3 +296,176 @@ def test_matrix_rotations_equal_the_general_mode_products(shape, sides):
         assert ((ours.double() - general.double()).abs() <= bound * scale).all()
         if left is None and right is None:
             assert ours is x  # the identity on every side returns x itself, as mode_product
+
+
+@pytest.mark.parametrize("shape, view", [((6, 5), "flatten"), ((2, 4, 5), "batch")])
+def test_rotated_first_moment_equals_the_original_space_formula(monkeypatch, shape, view):
+    # SOAP keeps m' = Q_Lᵀ m Q_R and carries it to each refreshed basis; the paper keeps m in the
+    # original space and rotates it every step. Here the library runs in float32 and the paper's
+    # formula densely in float64, on the library's own bases (read from its state before each
+    # step) and its refreshes' column orders, over five refreshes.
+    lr, beta1, beta2, eps, wd, freq, steps = 1e-2, 0.9, 0.95, 1e-3, 0.01, 3, 16
+    W = param(shape, torch.float32)
+    opt = SOAP([W], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd,
+               precondition_frequency=freq, matrix_view=view, stagger_refresh=False)
+    orders = []
+    real = soap_shell.refresh_bases
+
+    def spy(factors, bases, shift=0.0):
+        results = real(factors, bases, shift)
+        orders.append([r.order for r in results])  # L of every matrix, then R
+        return results
+
+    monkeypatch.setattr(soap_shell, "refresh_bases", spy)
+    grads = gradients(shape, steps + 1, seed=29)
+    count, m_, n_ = (1, *shape) if view == "flatten" else shape
+    step(opt, [W], [grads[0]])  # the first gradient builds the bases only
+    state = opt.state[W]
+
+    def bases() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        QL = state["soap.L.basis"].double().reshape(count, m_, m_)
+        QR = state["soap.R.basis"].double().reshape(count, n_, n_)
+        return list(zip(QL, QR, strict=True))
+
+    # Error bounds from float32 rounding (u = 2^-24), all in Frobenius norms, per matrix: a
+    # product with inner dimension k errs by at most γ(k) |A| |B| (Higham §3.5); the rotations'
+    # |Q| and the Adam division's amplification 1 / min(D) are measured on the reference.
+    u = torch.finfo(torch.float32).eps / 2
+    gamma = lambda k: k * u / (1 - k * u)  # noqa: E731
+    g2 = gamma(m_) + gamma(n_) + gamma(m_) * gamma(n_)  # a two-sided rotation
+    fro = torch.linalg.matrix_norm
+    spec = lambda A: torch.linalg.matrix_norm(A, 2).item()  # noqa: E731
+    ref = W.detach().double().clone().reshape(count, m_, n_)
+    m = torch.zeros(count, m_, n_, dtype=F64)
+    v = torch.zeros(count, m_, n_, dtype=F64)
+    err_m = [0.0] * count  # bound on ‖m'_float32 - Q_Lᵀ m Q_R‖
+    err_v = [0.0] * count  # bound on ‖v'_float32 - v'‖
+    err_w = 0.0  # bound on ‖W_float32 - W_ref‖
+    start = ref.clone()
+    reordered = False
+    for t, G in enumerate(grads[1:], start=1):
+        current = bases()  # those this step uses
+        step(opt, [W], [G])
+        G = G.reshape(count, m_, n_)
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        update = torch.zeros_like(ref)
+        for b, (QL, QR) in enumerate(current):
+            m[b] = beta1 * m[b] + (1 - beta1) * G[b]  # the paper: original space
+            Gr = QL.T @ G[b] @ QR
+            v[b] = beta2 * v[b] + (1 - beta2) * Gr**2
+            mr = QL.T @ m[b] @ QR
+            D = (v[b] / bc2).sqrt() + eps
+            Nr = mr / bc1 / D
+            update[b] = QL @ Nr @ QR.T
+            # m' and v' of the library: each gradient rotated (g2) and a lerp (3 roundings).
+            e_G = g2 * fro(QL.abs().T @ G[b].abs() @ QR.abs()).item()
+            err_m[b] = beta1 * err_m[b] + (1 - beta1) * e_G + 3 * u * (fro(mr) + fro(Gr)).item()
+            err_v[b] = (beta2 * err_v[b] + (1 - beta2) * e_G * (2 * Gr.abs().max().item() + e_G)
+                        + 3 * u * fro(v[b]).item())
+            # |√a - √b| <= |a - b| / √a: D's error through the smallest v'.
+            err_D = err_v[b] / (bc2 * (v[b] / bc2).min().item()) ** 0.5 + 2 * u * fro(D).item()
+            err_Nr = ((err_m[b] / bc1 + u * fro(mr).item() / bc1) / D.min().item()
+                      + Nr.abs().max().item() * err_D / D.min().item() + 3 * u * fro(Nr).item())
+            err_N = (spec(QL) * spec(QR) * err_Nr
+                     + g2 * fro(QL.abs() @ Nr.abs() @ QR.abs().T).item())
+            err_w += lr * err_N  # the stack's error: at most the sum of its matrices'
+        ref = ref * (1 - lr * wd) - lr * update
+        err_w += 3 * u * fro(ref.reshape(-1, n_)).item()  # W's own update rounds
+        if t % freq == 0:  # refreshed after this step: v' re-indexed, m' carried to new bases
+            assert len(orders) == t // freq
+            new = bases()
+            for b, ((QL0, QR0), (QL1, QR1)) in enumerate(zip(current, new, strict=True)):
+                oL, oR = orders[-1][b], orders[-1][count + b]
+                reordered |= oL.tolist() != list(range(m_)) or oR.tolist() != list(range(n_))
+                v[b] = v[b][oL][:, oR]
+                # rebase(): two products per side, plus the old bases' departure from
+                # orthogonality (Q_old Q_oldᵀ m ≠ m), measured.
+                mr = QL0.T @ m[b] @ QR0
+                for Q0, Q1, k in ((QL0, QL1, m_), (QR0, QR1, n_)):
+                    C = Q1.T @ Q0
+                    err_m[b] = (spec(C) * err_m[b]
+                                + gamma(k) * 2 * spec(Q1.abs().T @ Q0.abs()) * fro(mr).item()
+                                + spec(Q1) * spec(Q0 @ Q0.T - torch.eye(k, dtype=F64))
+                                * fro(m[b]).item() * spec(Q0) ** 2)
+    assert reordered, "no refresh re-ordered a basis: the test would not cover permutations"
+    bound = err_w
+    displacement = fro(W.detach().double().reshape(-1, n_) - ref.reshape(-1, n_)).item()
+    moved = fro((ref - start).reshape(-1, n_)).item()
+    assert bound < 1e-2 * moved  # the bound has teeth: far below the distance travelled
+    assert displacement <= bound, (displacement, bound)
+    print(f"error {displacement:.2e}, bound {bound:.2e}, distance travelled {moved:.2e}")
+    # The state itself: m' in the final bases.
+    final = bases()
+    stored = state["soap.exp_avg_rotated"].double().reshape(count, m_, n_)
+    for b, (QL, QR) in enumerate(final):
+        assert fro(stored[b] - QL.T @ m[b] @ QR).item() <= err_m[b]
+
+
+def _old_layout_run(dtype: torch.dtype):
+    """A SOAP over a 2-D, a 3-D ``"batch"`` and a 1-D parameter, after 7 steps (2 refreshes at
+    frequency 3), and its state dict as the code before the rotated first moment saved it:
+    ``exp_avg`` in the original space, which that code formed as ``exp_avg.lerp_(G, 1 - beta1)``
+    on every gradient after the first of a parameter with bases (on every one without)."""
+    shapes = [(6, 5), (2, 4, 5), (5,)]
+    params = [param(s, dtype, seed=i) for i, s in enumerate(shapes)]
+    groups = [{"params": [params[0], params[2]], "algorithm": "soap"},
+              {"params": [params[1]], "algorithm": "soap", "matrix_view": "batch"}]
+    opt = SOAP(groups, precondition_frequency=3, **HP)
+    grads = [gradients(s, 15, seed=40 + i) for i, s in enumerate(shapes)]
+    exp_avg = [torch.zeros(s, dtype=dtype) for s in shapes]
+    for k in range(7):
+        step(opt, params, [g[k] for g in grads])
+        for i, m in enumerate(exp_avg):
+            if k > 0 or i == 2:  # the 1-D parameter has no bases: Adam from its first step
+                m.lerp_(grads[i][k].to(dtype), 1 - HP["betas"][0])
+    old = opt.state_dict()
+    old["state"] = {k: dict(v) for k, v in old["state"].items()}
+    order = [p for g in opt.param_groups for p in g["params"]]
+    for index, p in enumerate(order):
+        entry = old["state"][index]
+        del entry["soap.exp_avg_rotated"]
+        entry["exp_avg"] = exp_avg[[id(q) for q in params].index(id(p))].clone()
+    return shapes, params, groups, opt, grads, old
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_state_dict_with_the_original_space_first_moment_resumes_the_same_run(dtype):
+    shapes, params, groups, opt, grads, old = _old_layout_run(dtype)
+    resumed_params = [nn.Parameter(p.detach().clone()) for p in params]
+    index = {id(p): i for i, p in enumerate(params)}
+    resumed = SOAP([{**g, "params": [resumed_params[index[id(p)]] for p in g["params"]]}
+                    for g in groups], precondition_frequency=3, **HP)
+    resumed.load_state_dict(old)
+    for p in resumed_params:
+        assert "exp_avg" not in resumed.state[p] and "soap.exp_avg_rotated" in resumed.state[p]
+    for k in range(7, 15):  # three more refreshes
+        step(opt, params, [g[k] for g in grads])
+        step(resumed, resumed_params, [g[k] for g in grads])
+    # The resumed m' is Q_Lᵀ m Q_R formed once from the saved m, the uninterrupted one the sum of
+    # the rotated gradients: the same up to the rounding of a few rotations (relative γ(k) ~ k u
+    # per product), which Adam's division amplifies by at most ‖m'‖ / min(√v') -- about 1e2 for
+    # these Gaussian gradients; then 8 steps of lr 3e-3 move W by ~2e-2. 1e2 · 10 u · 2e-2,
+    # with u the dtype's unit roundoff, sits well inside rtol 1e3 u.
+    u = torch.finfo(dtype).eps / 2
+    for p, q in zip(params, resumed_params, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e3 * u, atol=1e3 * u)
+
+
+def test_an_old_state_dict_with_a_basis_of_the_wrong_shape_is_refused_by_name():
+    _shapes, _params, groups, _opt, _grads, old = _old_layout_run(torch.float32)
+    old["state"][0]["soap.L.basis"] = torch.eye(4)
+    fresh = SOAP([{**g, "params": [nn.Parameter(p.detach().clone()) for p in g["params"]]}
+                  for g in groups], precondition_frequency=3, **HP)
+    with pytest.raises(gd.StateDictMismatchError, match=r"'soap\.L\.basis' has shape \(4, 4\)"):
+        fresh.load_state_dict(old)
+
+
+def test_rebase_carries_coordinates_along_one_dimension_of_any_order():
+    # rebase(x, d, Q_old, Q_new) = x ×_d (Q_newᵀ Q_old); float64, so equal to 1e-12 (a few
+    # products of O(1) entries, u = 1.1e-16).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g, dtype=F64)
+    for d, n in enumerate(x.shape):
+        old, new = (torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0] for _ in "ab")
+        expected = torch.movedim(torch.tensordot(new.T @ old, x, dims=([1], [d])), 0, d)
+        torch.testing.assert_close(soap_math.rebase(x, d, old, new), expected, atol=1e-12, rtol=0)

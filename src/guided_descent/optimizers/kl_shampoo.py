@@ -78,11 +78,11 @@ class KLSOAP(SOAP):
     gradient noise of 1e-7): KL-SOAP sorted 8e-3, unsorted 1e-4 (SOAP: 1e-4); KL-Shampoo 3e-6
     (its update does not depend on the basis inside a cluster of equal estimates).
 
-    Differences from the authors' code, each SOAP's here: the first moment is kept unrotated
-    (equal in exact arithmetic), both moments are bias-corrected and ``eps`` is placed as in
-    ``torch.optim.AdamW``, weight decay comes before the step, ``tiebreak`` and ``refresh_shift``
-    (0 and 0 are the authors'); and, not SOAP's, the estimates' start (``init_factor=0.1`` is
-    the authors'); all state in float32 (their code computes in bfloat16).
+    Differences from the authors' code, each SOAP's here: both moments are bias-corrected and
+    ``eps`` is placed as in ``torch.optim.AdamW``, weight decay comes before the step,
+    ``tiebreak`` and ``refresh_shift`` (0 and 0 are the authors'); and, not SOAP's, the
+    estimates' start (``init_factor=0.1`` is the authors'); all state in float32 (their code
+    computes in bfloat16). Like theirs, the first moment is kept in the rotated space.
 
     Args:
         params, lr, betas, eps, weight_decay, shampoo_beta, precondition_frequency,
@@ -93,7 +93,8 @@ class KLSOAP(SOAP):
         inverse_root_clamp: ``d_i^(-1/2)`` is kept at most ``max(10, min(n_i, this))`` (a floor
             on ``d_i``); ``None`` turns the floor off. Default 4000 (the authors').
 
-    State per parameter: SOAP's, plus ``{key}.eigenvalues`` ``(n_i,)`` (``(count, n_i)`` on a
+    State per parameter: SOAP's (the rotated first moment under ``kl_soap.exp_avg_rotated``), plus
+    ``{key}.eigenvalues`` ``(n_i,)`` (``(count, n_i)`` on a
     stack) for every dimension of a parameter with a rotated one (``key``: ``kl_soap.L``,
     ``kl_soap.R``, ``kl_soap.dim{i}``).
     """
@@ -104,6 +105,7 @@ class KLSOAP(SOAP):
     PREFIX: ClassVar[str] = "kl_soap"
     FAILURES: ClassVar[str] = "kl_soap.failures"
     REFRESHED_AT: ClassVar[str] = "kl_soap.refreshed_at"
+    EXP_AVG: ClassVar[str] = "kl_soap.exp_avg_rotated"
     # The authors' power step, unsorted (see "Unsorted refresh" in the docstring).
     SORTED_REFRESH: ClassVar[bool] = False
 
@@ -340,6 +342,9 @@ class KLShampoo(KLSOAP):
     FAILURES: ClassVar[str] = "kl_shampoo.failures"
     REFRESHED_AT: ClassVar[str] = "kl_shampoo.refreshed_at"
     SECOND_MOMENT: ClassVar[bool] = False
+    # Its first moment stays in the original space: _direction below rotates it every step.
+    EXP_AVG: ClassVar[str] = "exp_avg"
+    ROTATED_EXP_AVG: ClassVar[bool] = False
 
     def _estimates_eigenvalues(self, p: Tensor, group: Mapping[str, Any]) -> bool:
         return True  # the update itself is built from them
@@ -419,7 +424,7 @@ KL_SOAP_SPEC = register(
         family="layer-wise",
         rule="SOAP (Adam in the factors' eigenbasis) with KL-estimated factors "
         "L = E[G R^-1 Gᵀ]/n, R = E[Gᵀ L^-1 G]/m",
-        state="2x (first moment, rotated second moment) + per dimension an n×n factor and "
+        state="2x (first and second moment, both rotated) + per dimension an n×n factor and "
         "basis and n eigenvalues",
         state_buffers=2.0,
         reference=_REFERENCE,

@@ -6,19 +6,25 @@ eigenvectors ``Q_i`` and runs Adam in the rotated coordinates. For one parameter
 (a matrix: ``Q_L = Q_0``, ``Q_R = Q_1``)::
 
     G' = G ×_i Q_iᵀ                              (matrix: Q_Lᵀ G Q_R)      rotate in
-    m  = beta1 m + (1 - beta1) G                 first moment, ORIGINAL space
+    m' = beta1 m' + (1 - beta1) G'               first moment, ROTATED space
     v' = beta2 v' + (1 - beta2) G'²              second moment, ROTATED space
-    N' = (m ×_i Q_iᵀ) / (1 - beta1^t) / (sqrt(v' / (1 - beta2^t)) + eps)
+    N' = m' / (1 - beta1^t) / (sqrt(v' / (1 - beta2^t)) + eps)
     N  = N' ×_i Q_i                              (matrix: Q_L N' Q_Rᵀ)     rotate back
     p  = p (1 - lr wd) - lr N
     F_i = shampoo_beta F_i + (1 - shampoo_beta) G_(i) G_(i)ᵀ
-    every precondition_frequency steps: Q_i ← refresh_eigenbasis(F_i, Q_i), v' permuted to match
+    every precondition_frequency steps: Q_i ← refresh_eigenbasis(F_i, Q_i), then
+        m' ← m' ×_i (Q_i,newᵀ Q_i,old)   (:func:`rebase`: back with the old basis, in with the new)
+        v' permuted to match (:func:`permute_rotated_`)
 
-Keeping ``m`` unrotated means a basis change never leaves a stale first moment behind; ``v'`` is
-only re-indexed (:func:`guided_descent.linalg.eigenbasis.refresh_eigenbasis` returns the column
-permutation), as in the paper's algorithm. Dimensions longer than ``max_precond_dim``, and every
-dimension of a 0-D or 1-D parameter, keep the identity (plain Adam along them); with the identity
-on every side SOAP is exactly AdamW.
+``m'`` is the paper's ``m ×_i Q_iᵀ`` kept as it is used: the moment is linear in the gradients,
+so ``m' = m ×_i Q_iᵀ`` holds step by step for orthogonal bases, and the rotation of ``m`` each
+step (two of a matrix's eight products) is replaced by a change of basis at each refresh. In
+float arithmetic the two differ by rounding only (``tests/test_soap.py`` bounds it against the
+dense original-space formula). ``v'`` cannot be carried to a new basis (a square does not
+rotate), so it is only re-indexed (:func:`guided_descent.linalg.eigenbasis.refresh_eigenbasis`
+returns the column permutation), as in the paper's algorithm. Dimensions longer than
+``max_precond_dim``, and every dimension of a 0-D or 1-D parameter, keep the identity (plain Adam
+along them); with the identity on every side SOAP is exactly AdamW.
 
 The first basis is a full ``eigh`` of the factors accumulated from the first gradient
 (:func:`initial_bases`); later ones are cheap power-iteration refreshes (:func:`refresh_bases`).
@@ -125,38 +131,41 @@ def soap_update(
 ) -> Tensor:
     """Update both moments in place and return the direction ``N`` (module docstring).
 
-    ``grad``, ``exp_avg`` (original space) and ``exp_avg_sq`` (rotated space) share one shape and
-    dtype (``(count, m, n)`` with :class:`MatrixBases`); ``step`` is the 1-based count of Adam
-    updates including this one (a host int, or a 0-d tensor for a sync-free step); with ``ok`` (a
-    0-d bool tensor) the moments change only where it is true. Bias correction and ``eps`` are
-    placed as in ``torch.optim.AdamW``, so with identity bases the result is its step.
+    ``grad`` (original space), ``exp_avg`` and ``exp_avg_sq`` (both rotated space: ``m'``,
+    ``v'``) share one shape and dtype (``(count, m, n)`` with :class:`MatrixBases`); ``step`` is
+    the 1-based count of Adam updates including this one (a host int, or a 0-d tensor for a
+    sync-free step); with ``ok`` (a 0-d bool tensor) the moments change only where it is true.
+    Bias correction and ``eps`` are placed as in ``torch.optim.AdamW``, so with identity bases the
+    result is its step. Products with the bases: two into the eigenbasis (the gradient) and two
+    out of it (the direction) for a matrix.
     """
     rotated_grad = project(grad, bases)
     if ok is None:
-        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg.lerp_(rotated_grad, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
         m, v = exp_avg, exp_avg_sq
     else:  # out of place, kept only where ok
-        m = exp_avg.lerp(grad, 1.0 - beta1)
+        m = exp_avg.lerp(rotated_grad, 1.0 - beta1)
         v = exp_avg_sq.mul(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
         commit_(exp_avg, m, ok)
         commit_(exp_avg_sq, v, ok)
     denom = v.sqrt().div_(bias_correction(beta2, step) ** 0.5).add_(eps)
-    rotated = project(m, bases)
-    # In place where project() made a new tensor (the same two roundings, two allocations fewer);
-    # with the identity on every side it returns a view of exp_avg, which must not change.
-    if _identity(bases):
-        rotated = rotated / bias_correction(beta1, step)
-    else:
-        rotated = rotated.div_(bias_correction(beta1, step))
-    return project_back(rotated.div_(denom), bases)
+    # Out of place: m may be the state itself. The same two roundings as AdamW's m / bc1 / denom.
+    rotated = (m / bias_correction(beta1, step)).div_(denom)
+    return project_back(rotated, bases)
 
 
-def _identity(bases: Bases) -> bool:
-    """Whether every side of ``bases`` is the identity (``None``)."""
-    if isinstance(bases, MatrixBases):
-        return bases.left is None and bases.right is None
-    return all(Q is None for Q in bases)
+def rebase(x: Tensor, dim: int, old: Tensor, new: Tensor) -> Tensor:
+    """``x ×_dim (newᵀ old)``: coordinates along dimension ``dim`` in the basis ``old``
+    ``(n, n)`` carried to the basis ``new`` ``(n, n)`` -- back to the original space with ``old``,
+    then into ``new`` (two products with ``x``; exact for orthogonal bases, whatever the order of
+    ``new``'s columns, so a refresh's re-ordering needs nothing more). ``x`` is a tensor of any
+    order with ``x.shape[dim] == n``; the result is a new tensor of its shape and dtype. SOAP
+    carries its rotated first moment to each refreshed basis with it."""
+    back: list[Tensor | None] = [None] * x.dim()
+    into: list[Tensor | None] = [None] * x.dim()
+    back[dim], into[dim] = old, new
+    return project(project_back(x, back), into)
 
 
 def tiebroken(F: Tensor, tiebreak: float) -> Tensor:
