@@ -221,11 +221,12 @@ def _aol_rescale(X: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     ``‖D X‖₂ <= 1`` as the polynomials need. Where the Gram's off-diagonal mass is small, ``D X``
     has singular values near 1, far above the ``σ/‖X‖_F`` that the Frobenius normalization
     leaves. The Gram comes back rescaled: the first step needs exactly it (one m²n product saved).
-    The row sums are taken in float32 (O(m²) work) so that a bf16 ``D`` is not also off by a
-    rounding of each sum; clamping them below by ``eps`` only shrinks ``D`` (the bound holds).
+    The row sums are taken in at least float32 (O(m²) work) so that a bf16 ``D`` is not also off
+    by a rounding of each sum; clamping them below by ``eps`` only shrinks ``D`` (the bound holds).
     """
     A = X @ X.mT  # ([B,] m, m), compute dtype
-    d = A.float().abs().sum(dim=-1).clamp_min(eps).rsqrt().to(X.dtype)  # ([B,] m)
+    wide = torch.promote_types(A.dtype, torch.float32)  # bf16 -> float32; float64 stays
+    d = A.to(wide).abs().sum(dim=-1).clamp_min(eps).rsqrt().to(X.dtype)  # ([B,] m)
     # Two broadcasts, not the outer product d dᵀ: a zero row's d = eps^-1/2 squared stays finite.
     return X * d[..., :, None], A * d[..., :, None] * d[..., None, :]
 
