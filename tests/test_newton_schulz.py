@@ -257,6 +257,58 @@ def test_polar_express_equals_algorithm_1_of_the_paper():
     assert y.min() >= 0.84 and y.max() <= 1.124
 
 
+def aol_reference(G: torch.Tensor, schedule) -> torch.Tensor:
+    """Turbo-Muon's start restated in float64 on the short side: X = G/‖G‖_F, D = diag(Σ_j
+    |(X Xᵀ)_ij|)^(-1/2), then the steps on D X; as ``U diag(F(σ(D X))) Vᵀ`` of D X's SVD."""
+    X = G.double()
+    tall = X.size(-2) > X.size(-1)
+    X = X.mT if tall else X
+    X = X / torch.linalg.matrix_norm(X)
+    sums = (X @ X.mT).abs().sum(-1)
+    X = torch.where(sums > 0, sums.clamp_min(1e-300).rsqrt(), 0.0)[:, None] * X
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    assert S.max() <= 1 + 1e-12  # AOL's guarantee, the polynomials' domain
+    out = (U * composed(S, schedule)) @ Vh
+    return out.mT if tall else out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_aol_normalization_is_the_polynomial_of_the_rescaled_matrix(shape, kind):
+    G = make_input(kind, *shape, seed=4)
+    ref = aol_reference(G, [JORDAN] * 4)
+    exact = newton_schulz(G, 4, JORDAN, dtype=torch.float64, normalization="aol")
+    # float64: the same map up to rounding (float_rounding's float64 bounds are ~1e-10 here).
+    assert torch.linalg.matrix_norm(exact - ref, ord=2) <= 1e-9
+    O = newton_schulz(G.float(), 4, JORDAN, normalization="aol")
+    assert O.dtype == torch.float32 and torch.isfinite(O).all()
+    # float32: the Frobenius test's typical-error budget (an error of about one rounding
+    # u = 2^-24 per stage, amplified by the remaining steps' slopes), with one more stage for
+    # AOL's Gram and scalings, whose error the four steps amplify by at most 485: (485 + 485 +
+    # 141 + 41 + 18.5 + 5.9) u = 7e-5; 1e-4 allows 1.4x. Seen <= 7.1e-6 over 6 seeds with
+    # AVX-512/AMX, generic ATen kernels and MKL/oneDNN capped at AVX2.
+    assert torch.linalg.matrix_norm(O.double() - ref, ord=2) <= 1e-4
+    assert torch.linalg.matrix_norm(O.double(), ord=2) <= JORDAN_MAX + 1e-4
+
+
+def test_aol_zero_rows_and_matrices_stay_zero():
+    G = torch.randn(6, 9, dtype=torch.float64)
+    G[2] = 0.0  # a dead neuron: its row sum is 0, clamped by eps, and the row stays 0
+    for dtype in (torch.float32, torch.bfloat16):
+        O = newton_schulz(G.float(), dtype=dtype, normalization="aol")
+        assert torch.isfinite(O).all() and (O[2] == 0).all()
+        assert torch.equal(newton_schulz(torch.zeros(2, 3, 5), dtype=dtype, normalization="aol"),
+                           torch.zeros(2, 3, 5, dtype=dtype))
+
+
+def test_aol_batched_equals_per_matrix():
+    G = torch.randn(3, 7, 11, dtype=torch.float64)
+    out = newton_schulz(G, 4, JORDAN, dtype=torch.float64, normalization="aol")
+    for i in range(3):  # each matrix gets its own D (float64: a rounding-level difference)
+        single = newton_schulz(G[i], 4, JORDAN, dtype=torch.float64, normalization="aol")
+        torch.testing.assert_close(out[i], single, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -272,6 +324,7 @@ def test_polar_express_equals_algorithm_1_of_the_paper():
          r"coefficients\[1\].*\(1, 2\)"),
         (lambda: newton_schulz(torch.randn(3, 3), eps=0.0), "eps.*0.0"),
         (lambda: newton_schulz(torch.randn(3, 3), dtype=torch.int32), "int32"),
+        (lambda: newton_schulz(torch.randn(3, 3), normalization="spectral"), "'spectral'"),
     ],
 )
 def test_invalid_inputs_raise_naming_the_value(call, match):

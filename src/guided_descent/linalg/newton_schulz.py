@@ -16,12 +16,14 @@ import math
 import os
 from collections.abc import Sequence
 from numbers import Real
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 import torch
 from torch import Tensor
 
 Coefficients = tuple[float, float, float]
+Normalization = Literal["frobenius", "aol"]
+NORMALIZATIONS: Final[tuple[str, ...]] = get_args(Normalization)
 
 # Jordan et al. 2024 (Muon): a quintic picked for a large slope at 0 (a = 3.4445) so that small
 # singular values grow fast, at the price of not converging to 1 -- the composition oscillates in
@@ -211,12 +213,37 @@ def default_compute_dtype(
     return torch.float32
 
 
-def _iterate(X: Tensor, schedule: Sequence[Coefficients], fused_mm: Any) -> Tensor:
-    """The quintic steps on ``X`` (m <= n), with ``fused_mm`` = ``addmm`` (2-D) or ``baddbmm``."""
+def _aol_rescale(X: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(D X, D A D)`` for ``X`` (..., m, n), ``A = X Xᵀ`` and ``D = diag(Σ_j |A_ij|)^(-1/2)``.
+
+    AOL (Prach & Lampert 2022, arXiv 2208.03160, Theorem 1): ``‖D A D‖₂ <= 1`` for any symmetric
+    ``A`` by Schur's test with weights ``1/dᵢ`` (``Σ_j dᵢ |A_ij| d_j / d_j = 1/dᵢ``), so
+    ``‖D X‖₂ <= 1`` as the polynomials need. Where the Gram's off-diagonal mass is small, ``D X``
+    has singular values near 1, far above the ``σ/‖X‖_F`` that the Frobenius normalization
+    leaves. The Gram comes back rescaled: the first step needs exactly it (one m²n product saved).
+    The row sums are taken in at least float32 (O(m²) work) so that a bf16 ``D`` is not also off
+    by a rounding of each sum; clamping them below by ``eps`` only shrinks ``D`` (the bound holds).
+    """
+    A = X @ X.mT  # ([B,] m, m), compute dtype
+    wide = torch.promote_types(A.dtype, torch.float32)  # bf16 -> float32; float64 stays
+    d = A.to(wide).abs().sum(dim=-1).clamp_min(eps).rsqrt().to(X.dtype)  # ([B,] m)
+    # Two broadcasts, not the outer product d dᵀ: a zero row's d = eps^-1/2 squared stays finite.
+    return X * d[..., :, None], A * d[..., :, None] * d[..., None, :]
+
+
+def _iterate(
+    X: Tensor, schedule: Sequence[Coefficients], fused_mm: Any, A: Tensor | None = None
+) -> Tensor:
+    """The quintic steps on ``X`` (m <= n), with ``fused_mm`` = ``addmm`` (2-D) or ``baddbmm``.
+
+    ``A``: ``X Xᵀ`` if the caller has it already (the AOL normalization), used by the first step.
+    """
     for a, b, c in schedule:
-        A = X @ X.mT  # Gram of the short side: m²n flops instead of n²m
+        if A is None:
+            A = X @ X.mT  # Gram of the short side: m²n flops instead of n²m
         B = fused_mm(A, A, A, beta=b, alpha=c)  # b A + c A²
         X = fused_mm(X, B, X, beta=a)  # a X + (b A + c A²) X = a X + b X³ + c X⁵
+        A = None
     return X
 
 
@@ -227,6 +254,7 @@ def newton_schulz(
     *,
     dtype: torch.dtype | None = None,
     eps: float = 1e-7,
+    normalization: Normalization = "frobenius",
 ) -> Tensor:
     """Approximate the polar factor ``U Vᵀ`` of ``G`` (..., m, n) by a quintic Newton–Schulz.
 
@@ -242,7 +270,14 @@ def newton_schulz(
         coefficients: one ``(a, b, c)`` triple for every step, or a sequence of ``steps`` triples.
         dtype: compute dtype; ``None`` picks :func:`default_compute_dtype` for ``G``'s device
             and matrix shape.
-        eps: lower bound on the Frobenius norm used to normalize (> 0).
+        eps: lower bound on the Frobenius norm used to normalize (> 0), and on AOL's row sums.
+        normalization: how ``X₀`` is made to have spectral norm <= 1. ``"frobenius"`` (default,
+            Muon's): ``G / ‖G‖_F``. ``"aol"`` (Turbo-Muon, Boissin et al. 2025, arXiv
+            2512.04632): then also ``D X`` with ``D = diag(Σ_j |(X Xᵀ)_ij|)^(-1/2)`` on the short
+            side, which starts most singular values much closer to 1, reusing ``X Xᵀ`` for the
+            first step (no extra product). ``D X`` has another polar factor than ``G``: the
+            result approximates ``G``'s only as well as the steps converge (see
+            docs/benchmarks.md, "Newton–Schulz: Polar Express and AOL rescaling").
 
     Returns:
         A tensor of ``G``'s shape in the compute dtype (the caller casts). With :data:`JORDAN`
@@ -258,6 +293,10 @@ def newton_schulz(
         raise ValueError(f"newton_schulz needs a floating-point tensor, got dtype {G.dtype}")
     if not _is_number(eps) or eps <= 0:
         raise ValueError(f"newton_schulz eps must be a finite number > 0, got {eps!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"newton_schulz normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+        )
     compute = default_compute_dtype(G.device, tuple(G.shape)) if dtype is None else dtype
     if not isinstance(compute, torch.dtype) or not compute.is_floating_point:
         raise ValueError(f"newton_schulz dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -272,12 +311,19 @@ def newton_schulz(
     m, n = X.shape[-2:]
     X = X.reshape(-1, m, n)  # (B, m, n), m <= n, compute dtype
     # ‖X‖_2 <= ‖X‖_F = 1 afterwards: every singular value starts in [0, 1], the polynomials' domain.
+    # Also before AOL, which is scale-free: keeps X Xᵀ inside the dtype's range for any G.
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    if X.size(0) == 1:
-        # One matrix: 2-D kernels. On CPU, bfloat16 addmm is ~1.5x faster than a batch-of-one
-        # baddbmm (measured 1.05 vs 1.55 ms for 256x256, 5 steps, 2 threads); same result.
-        X = _iterate(X[0], schedule, torch.addmm)[None]
-    else:
-        X = _iterate(X, schedule, torch.baddbmm)
+    # One matrix: 2-D kernels (AOL's Gram included). On CPU, bfloat16 addmm is ~1.5x faster than
+    # a batch-of-one baddbmm (measured 1.05 vs 1.55 ms for 256x256, 5 steps, 2 threads); same
+    # result.
+    one = X.size(0) == 1
+    if one:
+        X = X[0]  # (m, n)
+    A = None
+    if normalization == "aol":
+        X, A = _aol_rescale(X, eps)  # ([B,] m, n), ([B,] m, m)
+    X = _iterate(X, schedule, torch.addmm if one else torch.baddbmm, A)
+    if one:
+        X = X[None]
     X = X.reshape(*batch_shape, m, n)
     return X.mT if tall else X
