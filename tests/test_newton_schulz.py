@@ -399,3 +399,24 @@ def test_bfloat16_error_bound_at_the_sizes_the_default_computes_in_bfloat16(shap
     # stays in [0.5, 1.35], where Muon's step is a descent direction of unchanged scale.
     assert errors[torch.float32] <= 1e-4
     assert errors[torch.bfloat16] <= 0.15
+
+
+def test_named_coefficient_schedules_resolve_and_unknown_names_are_refused():
+    from guided_descent.linalg.newton_schulz import (
+        JORDAN,
+        POLAR_EXPRESS,
+        coefficient_schedule,
+    )
+
+    assert coefficient_schedule("jordan", 5) == (JORDAN,) * 5
+    assert coefficient_schedule("polar_express", 5) == tuple(POLAR_EXPRESS)
+    with pytest.raises(ValueError, match="5 triples but steps=4"):
+        coefficient_schedule("polar_express", 4)
+    with pytest.raises(ValueError, match="unknown name 'newton'"):
+        coefficient_schedule("newton", 5)
+    # Muon takes the name (as --hyper muon.ns_coefficients=polar_express passes it).
+    import guided_descent as gd
+
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = gd.create("muon", [w], ns_coefficients="polar_express")
+    assert opt.param_groups[0]["ns_coefficients"] == tuple(POLAR_EXPRESS)

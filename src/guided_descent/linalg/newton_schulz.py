@@ -61,6 +61,12 @@ POLAR_EXPRESS: Final[tuple[Coefficients, ...]] = (
     *(_rescaled(t, 1.01) for t in _POLAR_EXPRESS_RAW[1:]),
 )
 
+# The schedules a name can select (e.g. ``--hyper muon.ns_coefficients=polar_express``).
+NAMED_COEFFICIENTS: Final[dict[str, Coefficients | tuple[Coefficients, ...]]] = {
+    "jordan": JORDAN,
+    "polar_express": POLAR_EXPRESS,
+}
+
 
 def _is_number(x: object) -> bool:
     if type(x) is float:  # the common case, without the ABC check below (runs every step)
@@ -85,11 +91,19 @@ def coefficient_schedule(
 ) -> tuple[Coefficients, ...]:
     """The ``(a, b, c)`` triple of each of the ``steps`` iterations, validated.
 
-    ``coefficients`` is one triple (used for every step) or a sequence of exactly ``steps``
-    triples. Raises ``ValueError`` naming the bad value.
+    ``coefficients`` is one triple (used for every step), a sequence of exactly ``steps``
+    triples, or a name of :data:`NAMED_COEFFICIENTS` (``"jordan"``, ``"polar_express"``: what a
+    command line can pass). Raises ``ValueError`` naming the bad value.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Newton–Schulz steps must be an integer >= 1, got {steps!r}")
+    if isinstance(coefficients, str):
+        if coefficients not in NAMED_COEFFICIENTS:
+            raise ValueError(
+                f"Newton–Schulz coefficients: unknown name {coefficients!r}; expected one of "
+                f"{sorted(NAMED_COEFFICIENTS)} or (a, b, c) triples"
+            )
+        coefficients = NAMED_COEFFICIENTS[coefficients]
     single = _as_triple(coefficients, "")
     if single is not None:
         return (single,) * steps
