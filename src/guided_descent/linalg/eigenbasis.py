@@ -8,9 +8,14 @@ basis ``Q`` is an excellent starting point: one step of subspace (block power) i
     π = argsort(λ̃, descending)       # keep columns ordered largest first
     Q ← qr(P Q[:, π])                  # one power step, re-orthonormalized
 
-costs two matrix products and a QR -- several times cheaper than a full ``eigh``, which is used
-only for the first basis (:func:`eigenbasis`). Repeated refreshes of a fixed ``P`` converge to its
-eigenvectors (ordered by eigenvalue), at a rate set by the ratios of neighbouring eigenvalues.
+costs one matrix product (the Rayleigh quotients reuse it) and a QR; a full ``eigh`` is used only
+for the first basis (:func:`eigenbasis`). Repeated refreshes of a fixed ``P`` converge to its
+eigenvectors (ordered by eigenvalue), at a rate set by the ratios of neighbouring eigenvalues. The
+step is not cheaper than ``eigh`` everywhere: on CPU in float32 a bare ``eigh`` measured 1.0-1.4x
+cheaper for n >= 128 (and more below, where the step's fixed overhead dominates; docs/benchmarks.md,
+"Refresh cost"). What it buys is a basis continuous in the old one: a bare ``eigh`` picks an
+arbitrary basis inside clusters of eigenvalues, and the tie-broken ``eigh`` that avoids that costs
+more (n >= 128) and lands further from ``P``'s eigenvectors.
 
 Sorting first keeps QR's column order aligned with the eigenvalue order, which power iteration
 needs (QR orthogonalizes column ``j`` against the columns before it, so larger-eigenvalue columns
