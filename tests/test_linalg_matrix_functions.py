@@ -157,3 +157,28 @@ def test_a_root_does_not_depend_on_its_batch(n, relative_eps):
         batched = inverse_root(torch.stack(batch), 4, 1e-12, relative_eps=relative_eps)
         position = next(i for i, m in enumerate(batch) if m is mats[2])
         assert torch.equal(batched[position], alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (3, 4, 4), (2, 0, 3), (0,)])
+def test_the_cheap_finite_checks_agree_with_isfinite(dtype, shape):
+    # aminmax-based checks must flag exactly what isfinite().all() flags: NaN, +Inf, -Inf at any
+    # position (first, last, inside), per matrix for the batched form.
+    from guided_descent.linalg.finite import all_finite, finite_matrices
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=g).to(dtype)
+    cases = [base]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for index in (0, base.numel() // 2, base.numel() - 1):
+            if base.numel() == 0:
+                continue
+            x = base.clone().flatten()
+            x[index] = bad
+            cases.append(x.reshape(shape))
+    for x in cases:
+        assert all_finite(x) == bool(torch.isfinite(x).all())
+        if x.dim() >= 2:
+            expected = torch.isfinite(x).flatten(-2).all(-1) if x.numel() else torch.ones(
+                x.shape[:-2], dtype=torch.bool)
+            assert torch.equal(finite_matrices(x), expected)

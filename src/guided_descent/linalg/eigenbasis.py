@@ -34,6 +34,7 @@ from typing import Literal, NamedTuple, overload
 import torch
 from torch import Tensor
 
+from guided_descent.linalg.finite import finite_matrices
 from guided_descent.linalg.matrix_functions import eigh
 
 
@@ -140,7 +141,7 @@ def refresh_eigenbasis(
     signs = torch.where(signs == 0, 1.0, signs)  # rank-deficient P: leave those columns be
     Q_new = Q_new * signs.unsqueeze(-2)
 
-    ok = finite_in & torch.isfinite(Q_new).all(-1).all(-1)
+    ok = finite_in & finite_matrices(Q_new)
     basis = torch.where(ok[..., None, None], Q_new, Q)
     result = EigenbasisRefresh(basis, torch.where(ok[..., None], order, identity), ok)
     if not return_estimates:

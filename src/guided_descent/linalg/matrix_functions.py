@@ -15,6 +15,8 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from guided_descent.linalg.finite import all_finite
+
 
 class MatrixFunctionError(RuntimeError):
     """A matrix function could not produce a finite result (e.g. the input holds NaN/Inf)."""
@@ -30,7 +32,7 @@ def _try_eigh(A: Tensor) -> tuple[Tensor, Tensor] | None:
         vals, vecs = torch.linalg.eigh(A)
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         return None
-    if not (torch.isfinite(vals).all() and torch.isfinite(vecs).all()):
+    if not (all_finite(vals) and all_finite(vecs)):
         return None
     return vals, vecs
 
@@ -48,7 +50,7 @@ def eigh(A: Tensor, *, jitter: float = 1e-10, attempts: int = 4) -> tuple[Tensor
     """
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"eigh needs square matrices (..., n, n), got shape {tuple(A.shape)}")
-    if not torch.isfinite(A).all():
+    if not all_finite(A):
         raise MatrixFunctionError("eigh input holds NaN or Inf")
     dtype = _compute_dtype(A.dtype)
     A = A.to(dtype)

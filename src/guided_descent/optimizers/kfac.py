@@ -96,6 +96,7 @@ from guided_descent.distributed.split import (
     distributed_report,
     resolve,
 )
+from guided_descent.linalg.finite import all_finite
 from guided_descent.linalg.matrix_functions import MatrixFunctionError
 from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.guard import GuardedOptimizer
@@ -736,9 +737,9 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
         layer takes its plain gradient this step (as before its first inversion), counted as a
         failure and warned once.
         """
-        if bool(torch.isfinite(U).all()):
+        if all_finite(U):
             return U, float((G.double() * U.double()).sum())
-        if not bool(torch.isfinite(G).all()):
+        if not all_finite(G):
             return U, float("nan")  # the gradient itself (on_nonfinite="off"): nothing to save
         state = self.state[layer.weight]
         state["kfac.inverse_failures"] += 1
@@ -813,7 +814,7 @@ class KFAC(GuardedOptimizer, torch.optim.Optimizer):
             # No training-mode forward since the last step, or its output did not reach the
             # loss: keep the factors.
             return
-        if not bool(torch.isfinite(layer.a_sum).all() & torch.isfinite(layer.s_sum).all()):
+        if not (all_finite(layer.a_sum) and all_finite(layer.s_sum)):
             # An EMA never forgets a NaN: folding it in would make every later inversion fail.
             state["kfac.rejected_statistics"] = state.get("kfac.rejected_statistics", 0) + 1
             self._warn_once(
