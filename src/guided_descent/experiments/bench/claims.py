@@ -137,8 +137,7 @@ def compare(a: Side, b: Side, op: str, minimum: int, what: str) -> Outcome:
                 f"{side.unfinished} run(s) of {side.name} stopped by the clock before the end of "
                 "their schedule (rule 8)")
     if a.missed == n and b.missed == n:
-        return Outcome.undecided(f"neither {a.name} nor {b.name} reached the target {what} in "
-                                 "any seed")
+        return Outcome.undecided(f"neither {a.name} nor {b.name} reached {what} in any seed")
     if op == "<":
         win, gains = beats(a, b)
         if win:
@@ -224,7 +223,7 @@ def ranking_claims(config: Config, table: dict[str, dict[str, Any]],
             value = worst_fast / best_slow if best_slow and math.isfinite(best_slow) else None
             outcome = conjunction([
                 compare(sides[f], sides[s], ranking.op, minimum,  # type: ignore[arg-type]
-                        "the target" if steps else "")
+                        "the target" if steps else "a step time")
                 for f in fast for s in slow])
             if value is None and outcome.verdict == PASS:
                 outcome = Outcome.undecided("no finite median to compare")
