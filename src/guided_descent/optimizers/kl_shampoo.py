@@ -38,6 +38,8 @@ from guided_descent.preconditioners.kronecker import compute_dtype, factor_name
 from guided_descent.preconditioners.soap import project, project_back
 from guided_descent.routing import Router, RoutingPolicy, set_policy
 from guided_descent.transforms.masking import bias_correction, commit_
+from guided_descent.transforms.state_dtype import compute_dtype as widest
+from guided_descent.transforms.state_dtype import parse_state_dtype
 
 INIT_FACTOR = None  # estimates from the first gradient: see "Initial estimates" in KLSOAP
 INVERSE_ROOT_CLAMP = 4000.0  # the authors' cap on d^(-1/2) (at most max(10, min(n, this)))
@@ -87,7 +89,8 @@ class KLSOAP(SOAP):
     Args:
         params, lr, betas, eps, weight_decay, shampoo_beta, precondition_frequency,
         stagger_refresh, max_precond_dim, matrix_view, tiebreak, refresh_shift, adamw_*,
-        on_nonfinite, distributed: as :class:`~.soap.SOAP`.
+        on_nonfinite, state_dtype, distributed: as :class:`~.soap.SOAP` (``state_dtype``: the
+        Adam moments; the factors, bases and eigenvalue estimates stay float32).
         init_factor: the eigenvalue estimates' starting value; ``None`` (default): from the
             first gradient (see "Initial estimates"); 0.1 is the authors'.
         inverse_root_clamp: ``d_i^(-1/2)`` is kept at most ``max(10, min(n_i, this))`` (a floor
@@ -131,6 +134,7 @@ class KLSOAP(SOAP):
         adamw_eps: float | None = None,
         adamw_weight_decay: float | None = None,
         on_nonfinite: str = "skip",
+        state_dtype: torch.dtype | str | None = None,
         distributed: Distributed = None,
         router: Router | None = None,
     ) -> None:
@@ -153,6 +157,7 @@ class KLSOAP(SOAP):
         adamw = adamw_defaults(
             adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, inherit=defaults
         )
+        defaults["state_dtype"] = parse_state_dtype(self.PREFIX, state_dtype)
         # SOAP's constructor would build SOAP's defaults; the base takes these as they are.
         KroneckerOptimizer.__init__(
             self, params, defaults, adamw, on_nonfinite, distributed, router
@@ -328,6 +333,8 @@ class KLShampoo(KLSOAP):
         weight_decay: decoupled weight decay, multiplied by ``lr``. Default 0.01.
         shampoo_beta, precondition_frequency, max_precond_dim, matrix_view, tiebreak,
             refresh_shift, adamw_*, on_nonfinite, distributed: as :class:`~.soap.SOAP`.
+        state_dtype: the dtype ``exp_avg`` is stored in, as :class:`~.soap.SOAP`'s moments
+            (``None``: float32; the factors, bases and estimates stay float32).
         init_factor, inverse_root_clamp: as :class:`KLSOAP`.
 
     State per parameter (float32, or float64): ``step``, ``exp_avg``, the factors and bases of
@@ -365,11 +372,11 @@ class KLShampoo(KLSOAP):
             self._initial_estimates_(group, state, grad, stack, ok)
         beta1 = group["betas"][0]
         exp_avg = state["exp_avg"] if stack is None else state["exp_avg"].view(stack)
-        if ok is None:
+        if ok is None and exp_avg.dtype == grad.dtype:
             exp_avg.lerp_(grad, 1.0 - beta1)
             m = exp_avg
-        else:
-            m = exp_avg.lerp(grad, 1.0 - beta1)
+        else:  # out of place, kept where ok; bf16 state (state_dtype) widened, rounded once
+            m = exp_avg.to(widest(exp_avg, grad)).lerp(grad, 1.0 - beta1)
             commit_(exp_avg, m, ok)
         _x, batch, keys = self._working_view(state, grad, stack)
         if stack is None and grad.dim() == 0:

@@ -46,7 +46,13 @@ from guided_descent.preconditioners.soap import (
 )
 from guided_descent.preconditioners.views import FLATTEN, matrix_shape, parse_view
 from guided_descent.routing import Router, RoutingPolicy, set_policy
+from guided_descent.transforms.cautious import with_group_keys
 from guided_descent.transforms.masking import commit_, count_
+from guided_descent.transforms.state_dtype import (
+    STATE_DTYPE_DEFAULT,
+    parse_state_dtype,
+)
+from guided_descent.transforms.state_dtype import compute_dtype as widest
 
 PREFIX = "soap"
 TIEBREAK = 2e-2  # chosen by measurement: see "Well-posed bases" in the class docstring
@@ -148,6 +154,16 @@ class SOAP(KroneckerOptimizer):
             ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
             ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
+        state_dtype: the dtype the Adam moments (``soap.exp_avg_rotated``, ``exp_avg_sq``) are
+            stored in: ``None`` (default) float32 (float64 for float64 parameters), as the rest
+            of the state, even for a bfloat16 model; ``torch.bfloat16`` halves them
+            (``torch.float32`` or the names ``"bfloat16"``/``"float32"`` are accepted too). A
+            step reads them widened to float32, computes what the float32 path computes and
+            rounds into them once (:mod:`guided_descent.transforms.state_dtype`); a basis refresh
+            carries the first moment to the new basis in float32 from the widened buffer and
+            rounds it once. The Kronecker factors and their eigenbases stay float32 (bf16 would
+            move the bases themselves). The AdamW groups keep torch's AdamW state, in the
+            parameter's dtype.
         distributed: split the eigendecompositions and basis refreshes between data-parallel
             replicas (each by one rank, balanced by FLOPs, then all-gathered). ``None``
             (default): only when :func:`soap` is given a DDP module; ``True``, a process group
@@ -157,8 +173,9 @@ class SOAP(KroneckerOptimizer):
 
     State per SOAP parameter (float32, or float64): ``step``; ``soap.exp_avg_rotated``
     (``m'``, the first moment in the rotated space: ``m ×_i Q_iᵀ``); ``exp_avg_sq`` (``v'``,
-    rotated space); per rotated dimension ``soap.L``/``soap.R`` (matrices) or
-    ``soap.dim{i}``, the ``(n, n)`` factor, and ``soap.L.basis`` etc., its eigenbasis;
+    rotated space) -- these two in ``state_dtype`` when it is given; per rotated dimension
+    ``soap.L``/``soap.R`` (matrices) or ``soap.dim{i}``, the ``(n, n)`` factor, and
+    ``soap.L.basis`` etc., its eigenbasis;
     ``soap.failures``: basis computations that failed (the previous basis, or the identity, is
     kept and one warning is issued per parameter); ``soap.refreshed_at``: the step of the last
     basis computation in which all of the parameter's bases succeeded (``diagnostics()``
@@ -206,6 +223,7 @@ class SOAP(KroneckerOptimizer):
         adamw_eps: float | None = None,
         adamw_weight_decay: float | None = None,
         on_nonfinite: str = "skip",
+        state_dtype: torch.dtype | str | None = None,
         distributed: Distributed = None,
         router: Router | None = None,
     ) -> None:
@@ -227,7 +245,16 @@ class SOAP(KroneckerOptimizer):
         adamw = adamw_defaults(
             adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, inherit=defaults
         )
+        # After adamw_defaults: AdamW groups keep torch's state and take no state_dtype.
+        defaults["state_dtype"] = parse_state_dtype(self.PREFIX, state_dtype)
         super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "state_dtype" in param_group:  # stored as a dtype, whatever name was passed
+            owner = f"{self.PREFIX} (param group {len(self.param_groups)})"
+            dtype = parse_state_dtype(owner, param_group["state_dtype"])
+            param_group = {**param_group, "state_dtype": dtype}
+        super().add_param_group(param_group)
 
     def matrix_state(
         self, p: Tensor, group: Mapping[str, Any]
@@ -279,11 +306,13 @@ class SOAP(KroneckerOptimizer):
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: Mapping[str, Any]) -> None:
         dtype = compute_dtype(p.dtype)
+        # The moments in the group's state_dtype (None: the factors' dtype, as before the option).
+        stored = parse_state_dtype(self.PREFIX, group.get("state_dtype")) or dtype
         # On the parameter's device, so that a sync-free step updates it there.
         state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
-        state[self.EXP_AVG] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state[self.EXP_AVG] = torch.zeros(p.shape, dtype=stored, device=p.device)
         if self.SECOND_MOMENT:
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=stored, device=p.device)
         state[self.FAILURES] = torch.zeros((), dtype=torch.int64, device=p.device)
         state["calls"] = 0  # gradients processed, counted on the host (the refresh schedule)
         stack = self._matrices(p, group)
@@ -297,6 +326,10 @@ class SOAP(KroneckerOptimizer):
         self._init_state(self.state[p], p, group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The base's load (state in the dtype it was saved in: bf16 moments stay bf16); a group
+        saved before ``state_dtype`` existed loads with ``None``, a first moment saved in the
+        original space is converted (:meth:`_converted`)."""
+        state_dict = with_group_keys(state_dict, STATE_DTYPE_DEFAULT, self.ALGORITHM)
         super().load_state_dict(self._converted(state_dict))
 
     def _converted(self, state_dict: Any) -> Any:
@@ -342,10 +375,13 @@ class SOAP(KroneckerOptimizer):
             if isinstance(entry.get(f"{key}.basis"), Tensor)
             and tuple(entry[f"{key}.basis"].shape) == (*lead, n, n)
         }
+        # Rotated in the bases' dtype and kept in the moment's own (bf16 state: rounded once).
+        wide = m.to(widest(m, *found.values()))
         if stack is None:
-            return project(m, [found.get(d) for d in range(m.dim())]).clone()
-        bases = MatrixBases(found.get(1), found.get(2))
-        return project(m.reshape(stack), bases).reshape(m.shape).clone()
+            moment = project(wide, [found.get(d) for d in range(m.dim())])
+        else:
+            moment = project(wide.reshape(stack), MatrixBases(found.get(1), found.get(2)))
+        return moment.reshape(m.shape).to(m.dtype, copy=True)
 
     def _factor_keys(
         self, p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]
@@ -519,7 +555,7 @@ class SOAP(KroneckerOptimizer):
             shape = (count, n, -1) if d == 1 else (count, -1, n)
             moment, dim = state[self.EXP_AVG].view(shape)[b], d - 1
             old = state[f"{key}.basis"][b]
-        moved = rebase(moment, dim, old, new)
+        moved = rebase(moment, dim, old, new)  # widened (bf16 state): rounded once, on the copy
         if take is None:
             moment.copy_(moved)
         else:

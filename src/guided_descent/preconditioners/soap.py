@@ -43,6 +43,7 @@ from guided_descent.linalg.eigenbasis import eigenbasis, refresh_eigenbasis
 from guided_descent.linalg.matrix_functions import MatrixFunctionError, condition_number
 from guided_descent.preconditioners.kronecker import mode_product, size_buckets
 from guided_descent.transforms.masking import bias_correction, commit_
+from guided_descent.transforms.state_dtype import compute_dtype as widest
 
 
 def rotated_dims(shape: Sequence[int], max_precond_dim: int) -> tuple[int, ...]:
@@ -132,21 +133,32 @@ def soap_update(
     """Update both moments in place and return the direction ``N`` (module docstring).
 
     ``grad`` (original space), ``exp_avg`` and ``exp_avg_sq`` (both rotated space: ``m'``,
-    ``v'``) share one shape and dtype (``(count, m, n)`` with :class:`MatrixBases`); ``step`` is
+    ``v'``) share one shape (``(count, m, n)`` with :class:`MatrixBases`); ``step`` is
     the 1-based count of Adam updates including this one (a host int, or a 0-d tensor for a
     sync-free step); with ``ok`` (a 0-d bool tensor) the moments change only where it is true.
     Bias correction and ``eps`` are placed as in ``torch.optim.AdamW``, so with identity bases the
     result is its step. Products with the bases: two into the eigenbasis (the gradient) and two
     out of it (the direction) for a matrix.
+
+    Moments stored in another dtype than ``grad``'s (``state_dtype``, e.g. bf16 beside a float32
+    gradient) are read widened (:func:`~guided_descent.transforms.state_dtype.compute_dtype`),
+    advanced there by the same operations as the float32 path's masked branch, rounded into their
+    buffers once, and the direction is computed from the unrounded values.
     """
     rotated_grad = project(grad, bases)
-    if ok is None:
+    stored_apart = exp_avg.dtype != rotated_grad.dtype or exp_avg_sq.dtype != rotated_grad.dtype
+    if ok is None and not stored_apart:
         exp_avg.lerp_(rotated_grad, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
         m, v = exp_avg, exp_avg_sq
-    else:  # out of place, kept only where ok
-        m = exp_avg.lerp(rotated_grad, 1.0 - beta1)
-        v = exp_avg_sq.mul(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
+    else:
+        # Out of place, kept only where ok; a moment stored apart (state_dtype) is read widened
+        # ((..) float32 from bf16 state; ``.to`` is the buffer itself when nothing is apart) and
+        # rounded into its buffer once, by commit_. The same kernels as the in-place branch.
+        dtype = widest(exp_avg, exp_avg_sq, rotated_grad)
+        rotated_grad = rotated_grad.to(dtype)
+        m = exp_avg.to(dtype).lerp(rotated_grad, 1.0 - beta1)
+        v = exp_avg_sq.to(dtype).mul(beta2).addcmul_(rotated_grad, rotated_grad, value=1.0 - beta2)
         commit_(exp_avg, m, ok)
         commit_(exp_avg_sq, v, ok)
     denom = v.sqrt().div_(bias_correction(beta2, step) ** 0.5).add_(eps)
@@ -160,8 +172,11 @@ def rebase(x: Tensor, dim: int, old: Tensor, new: Tensor) -> Tensor:
     ``(n, n)`` carried to the basis ``new`` ``(n, n)`` -- back to the original space with ``old``,
     then into ``new`` (two products with ``x``; exact for orthogonal bases, whatever the order of
     ``new``'s columns, so a refresh's re-ordering needs nothing more). ``x`` is a tensor of any
-    order with ``x.shape[dim] == n``; the result is a new tensor of its shape and dtype. SOAP
-    carries its rotated first moment to each refreshed basis with it."""
+    order with ``x.shape[dim] == n``; the result is a new tensor of its shape, in the wider of
+    its and the bases' dtypes: a moment stored narrower (``state_dtype``: bf16) is carried in the
+    bases' float32, for the caller to round once into its buffer. SOAP carries its rotated first
+    moment to each refreshed basis with it."""
+    x = x.to(widest(x, old, new))  # (.., n, ..) float32 from a bf16 moment; else x itself
     back: list[Tensor | None] = [None] * x.dim()
     into: list[Tensor | None] = [None] * x.dim()
     back[dim], into[dim] = old, new
@@ -261,5 +276,8 @@ def refresh_bases(
 
 
 def permute_rotated_(exp_avg_sq: Tensor, dim: int, order: Tensor) -> None:
-    """Re-index dimension ``dim`` of the rotated second moment after its basis was re-ordered."""
+    """Re-index dimension ``dim`` of the rotated second moment after its basis was re-ordered.
+
+    In the buffer's own dtype: a permutation moves values without rounding them, so a bf16
+    (``state_dtype``) moment permuted as it is equals it widened, permuted and rounded back."""
     exp_avg_sq.copy_(exp_avg_sq.index_select(dim, order))
