@@ -1,6 +1,7 @@
 """Interleaved optimizer.step() timing on a bench workload's MLP: ours, an older commit's, peers'.
 
     python scripts/step_speed.py digits muon,soap,torch-muon,pto-muon,pto-soap [--before REV]
+    python scripts/step_speed.py digits-cnn soap,pto-soap      # also mnist1d-cnn, digits-autoencoder
 
 Every round, each optimizer takes one step on its own copy of the model with the same gradient,
 in a shuffled order, so that a shared, busy machine slows every entry alike; the time is this
@@ -36,6 +37,16 @@ from guided_descent.experiments import peers
 from guided_descent.tasks import digits, mnist1d
 
 
+# Each bench train workload's model at its default size ("digits": digits-mlp, and so on).
+MODELS = {
+    "digits": digits.make_mlp,
+    "mnist1d": mnist1d.make_mlp,
+    "digits-cnn": digits.make_cnn,
+    "mnist1d-cnn": mnist1d.make_cnn,
+    "digits-autoencoder": digits.make_autoencoder,
+}
+
+
 def import_before(rev: str) -> object:
     """``guided_descent`` as of commit ``rev``, importable beside the current one."""
     root = Path(tempfile.mkdtemp(prefix="gd_before_"))
@@ -53,20 +64,20 @@ def import_before(rev: str) -> object:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("task", choices=("digits", "mnist1d"), help="digits-mlp or mnist1d-mlp")
+    ap.add_argument("task", choices=tuple(MODELS), help="the bench train workload's model")
     ap.add_argument("entries", help="comma-separated entries (see the module docstring)")
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--before", default=None, help="git revision for NAME:before entries")
     args = ap.parse_args()
     torch.set_num_threads(1)
     before = import_before(args.before) if args.before else None
-    make = digits.make_mlp if args.task == "digits" else mnist1d.make_mlp
+    make = MODELS[args.task]
 
     entries = []
     with peers.heavyball_compile(False):
         for spec in args.entries.split(","):
             torch.manual_seed(0)
-            model = make((256, 256))
+            model = make()
             name, _, tag = spec.partition(":")
             if peers.is_peer(name):
                 opt = peers.create(name, model).optimizer
