@@ -46,14 +46,20 @@ from guided_descent.preconditioners.shampoo import (
     shampoo_layout,
 )
 from guided_descent.routing import Router, RoutingPolicy, set_policy
+from guided_descent.transforms.cautious import with_group_keys
 from guided_descent.transforms.grafting import (
     Grafting,
     accumulate_squares_,
     diagonal_update,
 )
 from guided_descent.transforms.masking import bias_correction, commit_, count_
+from guided_descent.transforms.state_dtype import STATE_DTYPE_DEFAULT, parse_state_dtype
+from guided_descent.transforms.state_dtype import compute_dtype as widest
 
 PREFIX = "shampoo"
+EXP_AVG = f"{PREFIX}.exp_avg"
+GRAFT_SQ = f"{PREFIX}.graft_sq"
+MOMENTUM_BUFFER = f"{PREFIX}.momentum_buffer"
 RELATIVE_EPSILON = 1e-6  # chosen by measurement: see the class docstring
 FAILURES = f"{PREFIX}.failures"
 REFRESHED_AT = f"{PREFIX}.refreshed_at"
@@ -80,6 +86,43 @@ def _check_shampoo_options(owner: str, group: Mapping[str, Any]) -> None:
     """Checks across Shampoo's keys (each key alone is checked by ``validation.CHECKS``)."""
     if group.get("nesterov") and group.get("momentum", 0.0) == 0.0:
         raise ValueError(f"{owner}: nesterov=True needs momentum > 0, got momentum=0")
+
+
+def _stored(group: Mapping[str, Any]) -> torch.dtype | None:
+    """The dtype a group stores its parameter-sized buffers in (``None``: the factors')."""
+    return parse_state_dtype(PREFIX, group.get("state_dtype"))
+
+
+def _first_moment_(exp_avg: Tensor, grad: Tensor, beta1: float, ok: Tensor | None) -> Tensor:
+    """``m = beta1 m + (1 - beta1) g`` into ``exp_avg`` (only where ``ok``); the new ``m``.
+
+    A buffer stored apart (``state_dtype``: bf16 beside a float32 ``grad``) is read widened,
+    advanced by the in-place path's kernel and rounded into the buffer once; the step uses the
+    unrounded (..) float32 value."""
+    if ok is None and exp_avg.dtype == grad.dtype:
+        return exp_avg.lerp_(grad, 1.0 - beta1)
+    m = exp_avg.to(widest(exp_avg, grad)).lerp(grad, 1.0 - beta1)  # exp_avg itself if same dtype
+    commit_(exp_avg, m, ok)
+    return m
+
+
+def _momentum(
+    state: dict[str, Any], update: Tensor, group: Mapping[str, Any], ok: Tensor | None = None
+) -> Tensor:
+    """Heavy-ball (or Nesterov) momentum on the grafted update, its buffer as the first
+    moment's: stored in the group's ``state_dtype``, read widened and rounded into once."""
+    momentum = group["momentum"]
+    if momentum == 0.0:
+        return update
+    if MOMENTUM_BUFFER not in state:
+        state[MOMENTUM_BUFFER] = torch.zeros_like(update, dtype=_stored(group) or update.dtype)
+    buf = state[MOMENTUM_BUFFER]
+    if ok is None and buf.dtype == update.dtype:
+        new = buf.mul_(momentum).add_(update)
+    else:  # out of place, kept where ok; (..) float32 from bf16 state, rounded once on store
+        new = buf.to(widest(buf, update)).mul(momentum).add_(update)
+        commit_(buf, new, ok)
+    return update.add(new, alpha=momentum) if group["nesterov"] else new
 
 
 class Shampoo(KroneckerOptimizer):
@@ -167,6 +210,16 @@ class Shampoo(KroneckerOptimizer):
             ``None`` (default) takes ``lr``, ``betas``, ``eps``, ``weight_decay``.
         on_nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` (default),
             ``"raise"`` or ``"off"`` (see :mod:`guided_descent.optimizers.guard`).
+        state_dtype: the dtype the parameter-sized buffers (``shampoo.exp_avg``,
+            ``shampoo.graft_sq`` and ``shampoo.momentum_buffer``) are stored in: ``None``
+            (default) float32 (float64 for float64 parameters), as the rest of the state, even for
+            a bfloat16 model; ``torch.bfloat16`` halves them (``torch.float32`` or the names
+            ``"bfloat16"``/``"float32"`` are accepted too). A step reads them widened to float32,
+            computes what the float32 path computes and rounds into them once
+            (:mod:`guided_descent.transforms.state_dtype`); the step itself uses the unrounded
+            values. The Kronecker factors and their inverse roots stay float32 (a factor summed in
+            bf16 loses the small eigenvalues the root amplifies). The AdamW groups keep torch's
+            AdamW state, in the parameter's dtype.
         distributed: split the inverse roots of a refresh between data-parallel replicas (each
             root computed by one rank, balanced by FLOPs, then all-gathered), so that every
             replica keeps the same state. ``None`` (default): only when :func:`shampoo` is given
@@ -176,7 +229,8 @@ class Shampoo(KroneckerOptimizer):
             its whole state, receives the gradient shards and sends the update shards back.
 
     State per Shampoo parameter (float32, or float64): ``step``; ``shampoo.exp_avg`` (``m``);
-    ``shampoo.graft_sq`` (``s``); ``shampoo.momentum_buffer`` (when momentum > 0); per dimension
+    ``shampoo.graft_sq`` (``s``); ``shampoo.momentum_buffer`` (when momentum > 0) -- these three
+    in ``state_dtype`` when it is given; per dimension
     ``shampoo.L``/``shampoo.R`` (matrices) or ``shampoo.dim{i}``: a list with one factor per
     block (``(n, n)``, ``(n,)`` for a diagonal factor, ``None`` for none) and
     ``shampoo.L.inv_root`` etc. the matching roots; ``shampoo.failures``: inverse roots that failed
@@ -216,6 +270,7 @@ class Shampoo(KroneckerOptimizer):
         adamw_eps: float | None = None,
         adamw_weight_decay: float | None = None,
         on_nonfinite: str = "skip",
+        state_dtype: torch.dtype | str | None = None,
         distributed: Distributed = None,
         router: Router | None = None,
     ) -> None:
@@ -242,7 +297,21 @@ class Shampoo(KroneckerOptimizer):
         adamw = adamw_defaults(
             adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, inherit=defaults
         )
+        # After adamw_defaults: AdamW groups keep torch's state and take no state_dtype.
+        defaults["state_dtype"] = parse_state_dtype(PREFIX, state_dtype)
         super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "state_dtype" in param_group:  # stored as a dtype, whatever name was passed
+            owner = f"{PREFIX} (param group {len(self.param_groups)})"
+            dtype = parse_state_dtype(owner, param_group["state_dtype"])
+            param_group = {**param_group, "state_dtype": dtype}
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The base's load (state in the dtype it was saved in: bf16 buffers stay bf16); a group
+        saved before ``state_dtype`` existed loads with ``None``."""
+        super().load_state_dict(with_group_keys(state_dict, STATE_DTYPE_DEFAULT, self.ALGORITHM))
 
     def check_group(self, owner: str, group: Mapping[str, Any]) -> None:
         _check_shampoo_options(owner, group)
@@ -250,13 +319,11 @@ class Shampoo(KroneckerOptimizer):
     def matrix_state(
         self, p: Tensor, group: Mapping[str, Any]
     ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
-        keys = ("step", f"{PREFIX}.exp_avg", f"{PREFIX}.graft_sq", FAILURES)
+        keys = ("step", EXP_AVG, GRAFT_SQ, FAILURES)
         if self._layout(p, group).preconditioned:
             keys += tuple(self._factor_keys(p))
         shape = tuple(p.shape)
-        shapes = dict.fromkeys(
-            (f"{PREFIX}.exp_avg", f"{PREFIX}.graft_sq", f"{PREFIX}.momentum_buffer"), shape
-        )
+        shapes = dict.fromkeys((EXP_AVG, GRAFT_SQ, MOMENTUM_BUFFER), shape)
         return keys, shapes
 
     def matrix_diagnostics(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -279,13 +346,16 @@ class Shampoo(KroneckerOptimizer):
             group.get("matrix_view", "flatten"),
         )
 
-    def _init_state(self, state: dict[str, Any], p: Tensor, layout: ShampooLayout) -> None:
+    def _init_state(
+        self, state: dict[str, Any], p: Tensor, layout: ShampooLayout, group: Mapping[str, Any]
+    ) -> None:
         dtype = compute_dtype(p.dtype)
+        stored = _stored(group) or dtype  # None: the factors' dtype, as before the option
         # On the parameter's device, so that a sync-free step updates it there (a CPU tensor
         # for CPU parameters, as before).
         state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
-        state[f"{PREFIX}.exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        state[f"{PREFIX}.graft_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state[EXP_AVG] = torch.zeros(p.shape, dtype=stored, device=p.device)
+        state[GRAFT_SQ] = torch.zeros(p.shape, dtype=stored, device=p.device)
         state[FAILURES] = torch.zeros((), dtype=torch.int64, device=p.device)
         state["calls"] = 0  # steps attempted, counted on the host (the refresh schedule)
         if not layout.preconditioned:
@@ -301,7 +371,7 @@ class Shampoo(KroneckerOptimizer):
             state[f"{name}.inv_root"] = identity_roots(factors)
 
     def init_matrix_state(self, p: Tensor, group: Mapping[str, Any]) -> None:
-        self._init_state(self.state[p], p, self._layout(p, group))
+        self._init_state(self.state[p], p, self._layout(p, group), group)
 
     def _factor_keys(self, p: Tensor) -> list[str]:
         return [f"{PREFIX}.{factor_name(dim, p.dim())}" for dim in range(p.dim())]
@@ -316,7 +386,9 @@ class Shampoo(KroneckerOptimizer):
     ) -> None:
         """Advance the state of every ``(parameter, full gradient)`` and hand its update ``U``
         (the step is ``W (1 - lr wd) - lr U``) to ``consume(index, U)`` as soon as it is known;
-        ``split`` shares the work of the due inverse roots.
+        ``split`` shares the work of the due inverse roots. The moments advance after the
+        roots (they do not depend on each other), one parameter at a time, so that the widened
+        copies of ``state_dtype`` buffers live for one parameter's update only.
 
         A sync-free step (:attr:`_sync_free_step`) reads no counter on the host: the refresh
         schedule follows ``state["calls"]`` (host int: steps attempted) and bias corrections the
@@ -325,7 +397,7 @@ class Shampoo(KroneckerOptimizer):
         beta1, beta2 = group["betas"]
         grafting = group["grafting"]
         start = _start(group)
-        work: list[tuple[Tensor, dict[str, Any], ShampooLayout, int]] = []
+        work: list[tuple[Tensor, Tensor, dict[str, Any], ShampooLayout, int]] = []
         # Every factor whose root is due this step, over the whole group, for one batched pass.
         due: list[_RootJob] = []
 
@@ -333,18 +405,12 @@ class Shampoo(KroneckerOptimizer):
             state = self.state[p]
             layout = self._layout(p, group)
             if not state:
-                self._init_state(state, p, layout)
+                self._init_state(state, p, layout, group)
             count_(state["step"], ok)
             state["calls"] += 1
             # The schedule's step: the host's count when the step is sync-free, else the exact one.
             t = state["calls"] if sync_free else int(state["step"].item())
             grad = raw_grad.to(compute_dtype(p.dtype))  # p.grad itself is never written
-            exp_avg = state[f"{PREFIX}.exp_avg"]
-            if ok is None:
-                exp_avg.lerp_(grad, 1.0 - beta1)
-            else:
-                commit_(exp_avg, exp_avg.lerp(grad, 1.0 - beta1), ok)
-            accumulate_squares_(state[f"{PREFIX}.graft_sq"], grad, grafting, beta2, ok)
             if layout.preconditioned:
                 keys = self._factor_keys(p)
                 if len(state[keys[0]]) != len(layout.blocks):
@@ -367,7 +433,7 @@ class Shampoo(KroneckerOptimizer):
                         for key, F in zip(keys, factors, strict=True):
                             if F is not None:
                                 due.append((p, state, key, b, F, block.root))
-            work.append((p, state, layout, t))
+            work.append((p, raw_grad, state, layout, t))
 
         if sync_free:
             self._refresh_roots_flagged(due, beta2, _damping(group), ok)
@@ -375,13 +441,17 @@ class Shampoo(KroneckerOptimizer):
             self._refresh_roots(due, beta2, _damping(group), split)
 
         lr = float(group["lr"])
-        for i, (p, state, layout, t) in enumerate(work):
+        for i, (p, raw_grad, state, layout, t) in enumerate(work):
+            # Cast again rather than kept from the first loop: one parameter's copy at a time.
+            grad = raw_grad.to(compute_dtype(p.dtype))
+            m = _first_moment_(state[EXP_AVG], grad, beta1, ok)
+            s = accumulate_squares_(state[GRAFT_SQ], grad, grafting, beta2, ok)
             # Bias corrections from the step actually taken: a tensor when it is not on the host.
             taken = state["step"] if sync_free else t
-            exp_avg_hat = state[f"{PREFIX}.exp_avg"] / bias_correction(beta1, taken)
+            exp_avg_hat = m / bias_correction(beta1, taken)
             diagonal = diagonal_update(
                 exp_avg_hat,
-                state[f"{PREFIX}.graft_sq"],
+                s,
                 grafting,
                 beta2=beta2,
                 step=taken,
@@ -391,7 +461,7 @@ class Shampoo(KroneckerOptimizer):
                 update = diagonal
             else:
                 update = self._shampoo_direction(p, state, layout, exp_avg_hat, diagonal, grafting)
-            update = self._momentum(state, update, group["momentum"], group["nesterov"], ok)
+            update = _momentum(state, update, group, ok)
             self._observe(p, update_rms=rms(update, lr))
             consume(i, update)
 
@@ -541,28 +611,6 @@ class Shampoo(KroneckerOptimizer):
             magnitude = None if grafting == "none" else diagonal[block.index]
             update[block.index] = direction(exp_avg_hat[block.index], roots, magnitude)
         return update
-
-    def _momentum(
-        self,
-        state: dict[str, Any],
-        update: Tensor,
-        momentum: float,
-        nesterov: bool,
-        ok: Tensor | None = None,
-    ) -> Tensor:
-        if momentum == 0.0:
-            return update
-        key = f"{PREFIX}.momentum_buffer"
-        if key not in state:
-            state[key] = torch.zeros_like(update)
-        buf = state[key]
-        if ok is None:
-            buf.mul_(momentum).add_(update)
-            new = buf
-        else:
-            new = buf.mul(momentum).add_(update)
-            commit_(buf, new, ok)
-        return update.add(new, alpha=momentum) if nesterov else new
 
 
 shampoo = routed_factory(

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from guided_descent.transforms.masking import bias_correction, commit_
+from guided_descent.transforms.state_dtype import compute_dtype as widest
 
 Grafting = Literal["adam", "adagrad", "none"]
 GRAFTINGS: tuple[str, ...] = get_args(Grafting)
@@ -42,22 +43,32 @@ def check_grafting(owner: str, value: object) -> None:
 
 def accumulate_squares_(
     acc: Tensor, grad: Tensor, grafting: Grafting, beta2: float, ok: Tensor | None = None
-) -> None:
-    """Add ``grad²`` to the diagonal accumulator in place: a sum for AdaGrad, else an EMA.
+) -> Tensor:
+    """Add ``grad²`` to the diagonal accumulator in place: a sum for AdaGrad, else an EMA; return
+    the new accumulator for the step to use.
 
     ``"none"`` keeps Adam's EMA: the diagonal update is still what vectors and
     not-yet-preconditioned parameters receive. With ``ok`` (a 0-d bool tensor) the accumulator
-    changes only where it is true (:func:`~guided_descent.transforms.masking.commit_`).
+    changes only where it is true (:func:`~guided_descent.transforms.masking.commit_`). An
+    accumulator stored in another dtype than ``grad``'s (``state_dtype``: bf16 beside a float32
+    gradient) is read widened (:func:`~guided_descent.transforms.state_dtype.compute_dtype`),
+    advanced there by the kernels of the in-place path and rounded into ``acc`` once; the result
+    is then the unrounded, widened value (else ``acc`` itself, or the masked path's new tensor).
     """
-    if ok is not None:
-        new = acc.addcmul(grad, grad) if grafting == "adagrad" else acc.mul(beta2).addcmul_(
-            grad, grad, value=1.0 - beta2
-        )
-        commit_(acc, new, ok)
-    elif grafting == "adagrad":
-        acc.addcmul_(grad, grad)
+    if ok is None and acc.dtype == grad.dtype:
+        if grafting == "adagrad":
+            return acc.addcmul_(grad, grad)
+        return acc.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    # Out of place, kept only where ok; (..) float32 from a bf16 acc (``.to`` is acc itself when
+    # the dtypes agree).
+    dtype = widest(acc, grad)
+    wide, grad = acc.to(dtype), grad.to(dtype)
+    if grafting == "adagrad":
+        new = wide.addcmul(grad, grad)
     else:
-        acc.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        new = wide.mul(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    commit_(acc, new, ok)
+    return new
 
 
 def diagonal_update(
