@@ -1,7 +1,7 @@
 """Interleaved optimizer.step() timing on a bench workload's MLP: ours, an older commit's, peers'.
 
     python scripts/step_speed.py digits muon,soap,torch-muon,pto-muon,pto-soap [--before REV]
-    python scripts/step_speed.py digits-cnn soap,pto-soap      # also mnist1d-cnn, digits-autoencoder
+    python scripts/step_speed.py digits-cnn soap,pto-soap   # mnist1d-cnn, digits-autoencoder too
 
 Every round, each optimizer takes one step on its own copy of the model with the same gradient,
 in a shuffled order, so that a shared, busy machine slows every entry alike; the time is this
@@ -35,7 +35,6 @@ import torch
 import guided_descent as gd
 from guided_descent.experiments import peers
 from guided_descent.tasks import digits, mnist1d
-
 
 # Each bench train workload's model at its default size ("digits": digits-mlp, and so on).
 MODELS = {
