@@ -37,6 +37,7 @@ from guided_descent.optimizers.diagnostics import rms
 from guided_descent.optimizers.hybrid import HybridOptimizer
 from guided_descent.preconditioners.kronecker import compute_dtype
 from guided_descent.transforms.descend import descend_
+from guided_descent.transforms.state_dtype import parse_state_dtype
 
 Consume = Callable[[int, Tensor], None]
 
@@ -50,6 +51,13 @@ class KroneckerOptimizer(HybridOptimizer):
 
     MIN_NDIM = 0  # vectors and scalars in a tagged group take the method's diagonal path
     MASKED_SKIP: ClassVar[bool] = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "state_dtype" in param_group:  # stored as a dtype, whatever name was passed
+            owner = f"{self.ALGORITHM} (param group {len(self.param_groups)})"
+            dtype = parse_state_dtype(owner, param_group["state_dtype"])
+            param_group = {**param_group, "state_dtype": dtype}
+        super().add_param_group(param_group)
 
     def updates(
         self,

@@ -301,13 +301,6 @@ class Shampoo(KroneckerOptimizer):
         defaults["state_dtype"] = parse_state_dtype(PREFIX, state_dtype)
         super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "state_dtype" in param_group:  # stored as a dtype, whatever name was passed
-            owner = f"{PREFIX} (param group {len(self.param_groups)})"
-            dtype = parse_state_dtype(owner, param_group["state_dtype"])
-            param_group = {**param_group, "state_dtype": dtype}
-        super().add_param_group(param_group)
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The base's load (state in the dtype it was saved in: bf16 buffers stay bf16); a group
         saved before ``state_dtype`` existed loads with ``None``."""

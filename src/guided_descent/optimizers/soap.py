@@ -249,13 +249,6 @@ class SOAP(KroneckerOptimizer):
         defaults["state_dtype"] = parse_state_dtype(self.PREFIX, state_dtype)
         super().__init__(params, defaults, adamw, on_nonfinite, distributed, router)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "state_dtype" in param_group:  # stored as a dtype, whatever name was passed
-            owner = f"{self.PREFIX} (param group {len(self.param_groups)})"
-            dtype = parse_state_dtype(owner, param_group["state_dtype"])
-            param_group = {**param_group, "state_dtype": dtype}
-        super().add_param_group(param_group)
-
     def matrix_state(
         self, p: Tensor, group: Mapping[str, Any]
     ) -> tuple[tuple[str, ...], Mapping[str, tuple[int, ...]]]:
