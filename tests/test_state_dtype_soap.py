@@ -10,12 +10,12 @@ The factors, bases and KL eigenvalue estimates stay float32; ``None`` is today's
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import pytest
+import state_dtype_checks as checks
 import torch
-from test_state_dtype import BF16_U, F32_U, Regression  # noqa: F401  (F32_U: the tolerances)
+from test_state_dtype import BF16_U, F32_U  # noqa: F401  (F32_U: the tolerances)
 from torch import nn
 
 import guided_descent as gd
@@ -73,6 +73,14 @@ def train(name: str, steps: int, dtype: torch.dtype = torch.float32, **hp: Any):
         gradients(params, i)
         opt.step()
     return params, opt
+
+
+def method(name: str) -> checks.Method:
+    """This module's configuration ``name`` for the shared checks (tests/state_dtype_checks.py)."""
+    return checks.Method(
+        parameters, lambda params, **hp: build(name, params, **hp), gradients, flat,
+        lambda opt: moments(opt, name),
+    )
 
 
 def copied_state(opt: SOAP, name: str) -> dict[int, dict[str, Any]]:
@@ -223,35 +231,10 @@ def test_none_and_float32_are_todays_float32_state(name, dtype):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fifty_steps_with_bf16_moments_track_the_float32_run(name):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(128, 8, generator=g)
-    y = torch.sin(x.sum(dim=1, keepdim=True))
-    results = []
-    for state_dtype in (None, torch.bfloat16):
-        torch.manual_seed(1)
-        model = Regression()
-        start = torch.cat([p.detach().flatten() for p in model.parameters()])
-        hp = {"lr": 1e-2, "precondition_frequency": 5}  # trains in 50 steps; 10 refreshes
-        opt = gd.create(name, model, state_dtype=state_dtype, **hp)
-        first = None
-        for _ in range(50):
-            loss = (model(x) - y).pow(2).mean()
-            first = loss.item() if first is None else first
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        final = (model(x) - y).pow(2).mean().item()
-        moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
-        results.append((first, final, moved))
-    (first, final32, moved32), (_, final16, moved16) = results
-    assert final32 < 0.7 * first and final16 < 0.7 * first  # both train
-    # Each stored moment is within 2**-8 (relative) of the float32-state one at every store; 50
-    # nonlinear steps (Adam's division by sqrt(v'), bases refreshed ten times) give no bound from
-    # that, so as for Muon and Lion: the runs stay on the same path -- within half the distance
-    # travelled, where unrelated runs differ by all of it -- and the final losses within 5 %
-    # (measured: 0.5-6 % of the distance and 0.02-0.6 % of the loss here).
-    assert (moved16 - moved32).norm() <= 0.5 * moved32.norm()
-    assert abs(final16 - final32) <= 0.05 * final32
+    hp = {"lr": 1e-2, "precondition_frequency": 5}  # trains in 50 steps; 10 refreshes
+    checks.fifty_steps_track_the_float32_state_run(
+        lambda model, state_dtype: gd.create(name, model, state_dtype=state_dtype, **hp)
+    )
 
 
 # -------------------------------------------------------------------------- (e) bad values
@@ -319,19 +302,7 @@ def test_a_sync_free_skip_leaves_bf16_buffers_identical(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sync_free_steps_equal_host_decided_steps_with_bf16_state(name):
-    runs = []
-    for sync_free in (False, True):
-        params = parameters()
-        opt = build(name, params, state_dtype=torch.bfloat16)
-        opt.sync_free = sync_free
-        for i in range(6):
-            gradients(params, i)
-            opt.step()
-        runs.append((flat(params), moments(opt, name)))
-    # The masked path computes the same values with the same kernels (its refresh is the
-    # flagged one, same arithmetic): the same bits.
-    assert torch.equal(runs[1][0], runs[0][0])
-    assert all(torch.equal(a, b) for a, b in zip(runs[1][1], runs[0][1], strict=True))
+    checks.sync_free_steps_equal_host_decided_steps(method(name))
 
 
 # ------------------------------------------------------------------- (g) state_dict round trip
@@ -339,30 +310,7 @@ def test_sync_free_steps_equal_host_decided_steps_with_bf16_state(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trip_resumes_exactly(name):
-    params, opt = train(name, 3, state_dtype=torch.bfloat16)
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
-    for i in range(3, 7):
-        gradients(params, i)
-        opt.step()
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = parameters()
-    with torch.no_grad():
-        for p, value in zip(resumed, saved["params"], strict=True):
-            p.copy_(value)
-    # Built without the option: the saved groups carry state_dtype and the moments come back in
-    # bf16 (torch's own load would cast them to the parameters' float32).
-    again = build(name, resumed)
-    again.load_state_dict(saved["opt"])
-    assert all(g["state_dtype"] is torch.bfloat16 for g in again.param_groups)
-    assert all(m.dtype == torch.bfloat16 for m in moments(again, name))
-    for i in range(3, 7):
-        gradients(resumed, i)
-        again.step()
-    assert torch.equal(flat(resumed), flat(params))
-    ours, theirs = moments(again, name), moments(opt, name)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    checks.state_dict_round_trip_resumes_exactly(method(name))
 
 
 @pytest.mark.parametrize("name", NAMES)
