@@ -80,6 +80,8 @@ class Config(ExperimentConfig):
                          "adamw (AdamW's final validation loss in the same run)")
     ci: bool = option(False, "the CI-sized variant of every workload (--quick sets it)")
     device: str = option("cpu", "cpu, cuda or cuda:N")
+    jobs: int = option(1, "workloads trained at once, each in a process of its own (its two "
+                       "tracks in order); timings then share the machine with the other jobs")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,6 +98,11 @@ class Config(ExperimentConfig):
             raise ValueError(f"target must be protocol or adamw, got {self.target!r}")
         if self.steps != 1:
             raise ValueError("bench suite takes each workload's own budget; --steps is not used")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {self.jobs}")
+        if self.jobs > 1 and self.device != "cpu":
+            raise ValueError(f"jobs > 1 shares one device between processes; it is for cpu, "
+                             f"got --jobs {self.jobs} with device {self.device!r}")
         for workload in self.workloads:  # every sub-run's configuration must be valid up front
             for track in self.tracks:
                 self.train_config(workload, track)
@@ -147,7 +154,7 @@ def _copy_factor_one(defaults: RunDir, tuned: RunDir) -> int:
 
 def run(config: Config, run: RunDir, progress: Progress) -> None:
     """Prepare every sub-run, train what is not finished, then write the leaderboard."""
-    from guided_descent.experiments import prepare, resume
+    from guided_descent.experiments import prepare
 
     started = time.perf_counter()
     subs: dict[tuple[str, str], RunDir] = {}
@@ -161,9 +168,32 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
                 prepare("bench_train", config.train_config(workload, track), sub)
                 _inherit_command(run, sub, track, workload)
                 subs[track, workload] = sub
+    if config.jobs > 1:
+        reused = _train_in_parallel(run.path, config, subs, progress)
+    else:
+        reused = sum(_train_workload(subs, workload, progress)
+                     for workload in config.workloads)
+    summaries = {key: read_json(sub.path / SUMMARY) for key, sub in subs.items()}
+    results = suite_results(config, summaries, read_json(run.file(ENV)))
+    results["wall_seconds"] = time.perf_counter() - started
+    results["reused_runs"] = reused
+    results["jobs"] = config.jobs
+    claims = [lb.verdict(name, track, agg, min_seeds(config.device))
+              for track, board in results["tracks"].items()
+              for name, agg in board["aggregate"].items()]
+    run.write_summary(results, claims)
+
+
+def _train_workload(subs: dict[tuple[str, str], RunDir], workload: str,
+                    progress: Progress) -> int:
+    """Train one workload's unfinished sub-runs, defaults track first (the tuned track takes its
+    factor-1 runs from it); returns how many runs were taken instead of trained."""
+    from guided_descent.experiments import resume
+
     reused = 0
-    for (track, workload), sub in subs.items():
-        if sub.finished:
+    for track in TRACKS:
+        sub = subs.get((track, workload))
+        if sub is None or sub.finished:
             continue
         if track == "tuned" and ("defaults", workload) in subs:
             reused += _copy_factor_one(subs["defaults", workload], sub)
@@ -171,14 +201,63 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
             print(f"bench suite: {track} track, {workload} -> {sub.path}",
                   file=progress.stream or sys.stderr)
         resume(sub, progress)
-    summaries = {key: read_json(sub.path / SUMMARY) for key, sub in subs.items()}
-    results = suite_results(config, summaries, read_json(run.file(ENV)))
-    results["wall_seconds"] = time.perf_counter() - started
-    results["reused_runs"] = reused
-    claims = [lb.verdict(name, track, agg, min_seeds(config.device))
-              for track, board in results["tracks"].items()
-              for name, agg in board["aggregate"].items()]
-    run.write_summary(results, claims)
+    return reused
+
+
+# Measured seconds per run (docs/leaderboard.md, "Budget"): --jobs starts the longest first.
+RUN_SECONDS = {
+    "kron-quadratic": 2.9, "digits-mlp": 2.5, "digits-cnn": 1.9, "digits-autoencoder": 4.0,
+    "mnist1d-mlp": 9.3, "mnist1d-cnn": 7.8, "mnist1d-transformer": 60.0, "charlm": 52.0,
+}
+
+
+def _worker(root: str, tracks: tuple[str, ...], workload: str, threads: int) -> int:
+    """One --jobs process: one workload's sub-runs, without progress bars (they would interleave
+    with the other jobs'); the suite prints a line as each workload ends."""
+    import torch
+
+    torch.set_num_threads(threads)
+    subs = {(track, workload): RunDir.open(sub_run(Path(root), track, workload))
+            for track in tracks}
+    return _train_workload(subs, workload, Progress(enabled=False))
+
+
+def _train_in_parallel(root: Path, config: Config, subs: dict[tuple[str, str], RunDir],
+                       progress: Progress) -> int:
+    """Train the workloads ``config.jobs`` at a time, each in a spawned process with this
+    process's torch thread count, the costliest first; returns the runs reused.
+
+    Every sub-run is its own directory and a workload's two tracks stay in one process, so no two
+    processes write one file. A failure stops the suite after the jobs already running end; what
+    finished is kept for ``run --resume``."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    import torch
+
+    todo = [w for w in config.workloads
+            if any(not subs[t, w].finished for t in config.tracks)]
+    todo.sort(key=lambda w: -RUN_SECONDS.get(w, 0.0))
+    threads = torch.get_num_threads()
+    stream = progress.stream or sys.stderr
+    reused = 0
+    context = multiprocessing.get_context("spawn")  # no forked copy of a threaded torch
+    with ProcessPoolExecutor(max_workers=config.jobs, mp_context=context) as pool:
+        futures = {pool.submit(_worker, str(root), config.tracks, w, threads): w for w in todo}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()  # type: ignore[misc]
+                reused += future.result()
+                if progress.enabled:
+                    print(f"bench suite: {futures[future]} done "
+                          f"({len(futures) - len(pending)}/{len(futures)} workloads)",
+                          file=stream)
+    return reused
 
 
 def _inherit_command(run: RunDir, sub: RunDir, track: str, workload: str) -> None:

@@ -34,6 +34,16 @@ LEADERBOARD = "leaderboard.md"
 BOUND = {"lower": "≥ ", "upper": "≤ ", "mixed": "~ ", "exact": "", "none": ""}
 
 
+def _jobs_note(res: dict[str, Any]) -> str:
+    """Said next to the wall time when workloads trained side by side (``--jobs``)."""
+    jobs = res.get("jobs", 1)
+    if jobs <= 1:
+        return ""
+    return (f", with {jobs} workloads training at once (each in its own process; a workload's "
+            "optimizers ran one after another in one process, so their time ratios share one "
+            "kind of load)")
+
+
 def _ratio_cell(stats: dict[str, Any]) -> str:
     """``median [min–max]`` of ratios, with ≥ / ≤ when they are bounds from missed targets."""
     if not stats or stats.get("median") is None:
@@ -103,7 +113,7 @@ def leaderboard_markdown(run_dir: Path, figure: str, links: bool = True) -> str:
         f"Command: `{env.get('command', '(not recorded)')}`; commit "
         f"`{(env.get('git_commit') or 'unknown')[:12]}`; device: {res['device']}; torch "
         f"{env.get('torch', '?')}; run at {env.get('created', '?')}; wall "
-        f"{_duration(res.get('wall_seconds', 0))}.",
+        f"{_duration(res.get('wall_seconds', 0))}{_jobs_note(res)}.",
         "",
         "How to read it. Per workload and seed the ratio is the optimizer's training time to the "
         "workload's target over AdamW's, measured in the same run (same seeds, data order, "
