@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +76,10 @@ def test_config_validates_up_front():
         Config(tracks=("fast",))
     with pytest.raises(ValueError, match="natural_gradient"):
         Config(workloads=("charlm",), optimizers=("natural_gradient",))
+    with pytest.raises(ValueError, match="jobs must be at least 1, got 0"):
+        Config(jobs=0)
+    with pytest.raises(ValueError, match="'cuda'"):
+        Config(jobs=2, device="cuda")
 
 
 @pytest.mark.slow
@@ -153,3 +158,36 @@ def test_the_whole_quick_suite_runs(tmp_path):
     for board in res["tracks"].values():
         assert set(board["workloads"]) == set(Config().workloads)
     assert "## Tuned track" in (out / "report.md").read_text()
+
+
+def _losses(sub: Path) -> dict[tuple, list[float]]:
+    """Every run's evaluated test losses by (optimizer, seed, lr factor): what training computed,
+    without the clock."""
+    out: dict[tuple, list[float]] = {}
+    for r in read_metrics(sub):
+        if r.get("event") == "eval":
+            out.setdefault((r["optimizer"], r["seed"], r["lr_factor"]), []).append(r["test_loss"])
+    return out
+
+
+@pytest.mark.slow
+def test_jobs_train_workloads_side_by_side_with_the_same_results(tmp_path):
+    """``--jobs 2`` trains the workloads in two spawned processes: every sub-run computes what
+    the one-process suite computes (same seeds, same thread count), the tuned track still takes
+    the defaults track's factor-1 runs, and the report says the timings shared the machine."""
+    flags = ["bench", "suite", "--quick", "--quiet", "--threads", "1",
+             "--workloads", "digits-mlp,kron-quadratic,digits-cnn"]
+    assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    assert main([*flags, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["results"]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())["results"]
+    assert two["jobs"] == 2 and one["jobs"] == 1
+    assert two["reused_runs"] == one["reused_runs"] > 0
+    for track in ("defaults", "tuned"):
+        for workload in ("digits-mlp", "kron-quadratic", "digits-cnn"):
+            a = _losses(tmp_path / "one" / track / workload)
+            b = _losses(tmp_path / "two" / track / workload)
+            assert a == b and a, (track, workload)
+        assert two["tracks"][track]["lr_factors"] == one["tracks"][track]["lr_factors"]
+    assert "2 workloads training at once" in (tmp_path / "two" / "leaderboard.md").read_text()
+    assert "training at once" not in (tmp_path / "one" / "leaderboard.md").read_text()

@@ -120,6 +120,28 @@ def test_mnist1d_transformer_every_listed_optimizer_steps(tmp_path):
         Config(task="mnist1d-transformer", optimizers=("natural_gradient",))
 
 
+def test_mnist1d_gru_every_listed_optimizer_steps_on_its_gates(tmp_path):
+    """The recurrent workload: every optimizer of its list runs a few finite steps on the CI
+    model, and the matrix methods take the GRU's weights as one matrix per gate."""
+    workload = WORKLOADS["mnist1d-gru"]
+    config = Config(task="mnist1d-gru", ci=True, seeds=1, warmup_steps=1, budget_steps=3,
+                    eval_every=3)
+    problem = workload.build(0, 3, 20, True, torch.device("cpu"))
+    assert problem.info["layout"] == {"patch": 4, "hidden": 16, "layers": 1}
+    metrics = MetricsWriter(tmp_path / "metrics.jsonl")
+    for name in workload.optimizers:
+        record = run_one(config, problem, name, 0, 1.0, metrics)
+        assert record["finite"] and record["steps_done"] == 3, name
+    metrics.close()
+    model = problem.model()
+    for name in ("muon", "shampoo", "soap"):
+        opt = build_optimizer(name, model, config).optimizer
+        views = {id(p): g.get("matrix_view") for g in opt.param_groups
+                 if g["algorithm"] == name for p in g["params"]}
+        for weight in (model.rnn.weight_ih_l0, model.rnn.weight_hh_l0):
+            assert views.get(id(weight)) == "split:3", name
+
+
 def test_warmup_then_restore_reproduces_the_unwarmed_run(tmp_path):
     """The untimed warm-up must leave no trace: same weights, fresh state, same RNG."""
     finals = []

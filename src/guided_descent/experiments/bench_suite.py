@@ -50,7 +50,7 @@ from guided_descent.optimizers.registry import unknown_name
 RESUMABLE = True
 CPU_WORKLOADS: tuple[str, ...] = (
     "kron-quadratic", "digits-mlp", "digits-cnn", "digits-autoencoder", "mnist1d-mlp",
-    "mnist1d-cnn", "mnist1d-transformer", "charlm",
+    "mnist1d-cnn", "mnist1d-gru", "mnist1d-transformer", "charlm",
 )
 TRACKS: tuple[str, ...] = ("defaults", "tuned")
 FULL_FACTORS: tuple[float, ...] = (0.1, 0.316, 1.0, 3.16, 10.0)
@@ -208,7 +208,14 @@ def _train_workload(subs: dict[tuple[str, str], RunDir], workload: str,
 RUN_SECONDS = {
     "kron-quadratic": 2.9, "digits-mlp": 2.5, "digits-cnn": 1.9, "digits-autoencoder": 4.0,
     "mnist1d-mlp": 9.3, "mnist1d-cnn": 7.8, "mnist1d-transformer": 60.0, "charlm": 52.0,
+    "mnist1d-gru": 25.0,
 }
+
+
+def _cost(config: Config, workload: str) -> float:
+    """A workload's relative cost: seconds per run times its optimizers."""
+    names = WORKLOADS[workload].optimizers if config.optimizers == ("auto",) else config.optimizers
+    return RUN_SECONDS.get(workload, 0.0) * len(names)
 
 
 def _worker(root: str, tracks: tuple[str, ...], workload: str, threads: int) -> int:
@@ -237,7 +244,7 @@ def _train_in_parallel(root: Path, config: Config, subs: dict[tuple[str, str], R
 
     todo = [w for w in config.workloads
             if any(not subs[t, w].finished for t in config.tracks)]
-    todo.sort(key=lambda w: -RUN_SECONDS.get(w, 0.0))
+    todo.sort(key=lambda w: -_cost(config, w))
     threads = torch.get_num_threads()
     stream = progress.stream or sys.stderr
     reused = 0

@@ -257,7 +257,7 @@ KINDS = {
     "mlp": ("digits-mlp", "mnist1d-mlp", "digits-autoencoder"),
     "cnn": ("digits-cnn", "mnist1d-cnn"),
     "transformer": ("mnist1d-transformer", "charlm"),
-    "rnn": (),
+    "rnn": ("mnist1d-gru",),
 }
 
 

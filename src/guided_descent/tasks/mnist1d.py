@@ -193,3 +193,33 @@ def make_transformer(patch: int = 5, d_model: int = 32, n_head: int = 4, layers:
                      ff_mult: int = 4) -> PatchTransformer:
     """:class:`PatchTransformer` with these sizes (defaults: the ``mnist1d-transformer`` one)."""
     return PatchTransformer(patch, d_model, n_head, layers, ff_mult)
+
+
+class SequenceGRU(nn.Module):
+    """MNIST-1D read by a recurrent network: ``(n, 40)`` -> ``(n, 40 / patch, patch)`` -> an
+    ``nn.GRU`` (``layers`` layers, ``hidden`` units) -> its output at the last position ->
+    ``Linear(hidden, 10)`` logits.
+
+    The GRU's weight matrices stack three gates each (``weight_ih_l0`` is ``(3 * hidden,
+    patch)``); routing splits them into one matrix per gate for the matrix methods.
+    """
+
+    def __init__(self, patch: int = 2, hidden: int = 64, layers: int = 1) -> None:
+        super().__init__()
+        if patch < 1 or SEQ_LEN % patch:
+            raise ValueError(f"patch must divide the sequence length {SEQ_LEN}, got {patch!r}")
+        if hidden < 1 or layers < 1:
+            raise ValueError(f"hidden and layers must be >= 1, got {hidden!r} and {layers!r}")
+        self.patch = patch
+        self.rnn = nn.GRU(patch, hidden, num_layers=layers, batch_first=True)
+        # Registered last: routing treats the last nn.Linear as the output head.
+        self.head = nn.Linear(hidden, N_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x.unflatten(1, (-1, self.patch)))  # (n, P, hidden)
+        return self.head(out[:, -1])  # (n, 10)
+
+
+def make_gru(patch: int = 2, hidden: int = 64, layers: int = 1) -> SequenceGRU:
+    """:class:`SequenceGRU` with these sizes (defaults: the ``mnist1d-gru`` one)."""
+    return SequenceGRU(patch, hidden, layers)
