@@ -79,7 +79,7 @@ from guided_descent.experiments.bench.results import (
     time_to_target,
     value_at_fraction,
 )
-from guided_descent.experiments.bench.sweep import finished_runs, run_optimizer
+from guided_descent.experiments.bench.sweep import finished_runs, run_all
 from guided_descent.experiments.bench.workloads import WORKLOADS, Problem, Ranking, Workload
 from guided_descent.experiments.config import (
     ExperimentConfig,
@@ -333,26 +333,24 @@ def _run(config: Config, run: RunDir, progress: Progress, proc: Any) -> None:
     done = finished_runs(run) if world == 1 else {}
     factors = tuple(config.sweep_factors) if config.lr_sweep else (1.0,)
     sweep: dict[str, dict[str, float | None]] = {}
-    chosen: dict[str, float] = {}
-    runs: dict[str, list[dict]] = {}
     total_runs = len(names) * (config.seeds + (len(factors) - 1 if config.lr_sweep else 0))
     started = time.perf_counter()
     with run.metrics() as metrics, progress.bar(total_runs, f"bench train {config.task}",
                                                 unit="run") as bar, \
             peer_lib.heavyball_compile(config.compile), _quiet_peer_warnings():
-        for name in names:
-            try:
-                runs[name], chosen[name], tried = run_optimizer(
-                    config, problems, name, factors, metrics, bar, device, done)
-            except Exception as e:
-                # Another library's failure must not end a long benchmark: note it and go on.
-                # Ours must: it is a bug to fix.
-                if not peer_lib.is_peer(name):
-                    raise
-                skipped[name] = f"failed: {type(e).__name__}: {e}".splitlines()[0]
-                continue
-            if config.lr_sweep:
-                sweep[name] = tried
+
+        def failed(name: str, e: Exception) -> bool:
+            # Another library's failure must not end a long benchmark: note it and go on.
+            # Ours must: it is a bug to fix.
+            if not peer_lib.is_peer(name):
+                return False
+            skipped[name] = f"failed: {type(e).__name__}: {e}".splitlines()[0]
+            return True
+
+        runs, chosen, tried = run_all(config, problems, names, factors, metrics, bar, device,
+                                      done, failed)
+        if config.lr_sweep:
+            sweep = tried
     wall = time.perf_counter() - started
     if BASELINE not in runs:
         raise RuntimeError("the AdamW baseline did not run; nothing to compare against")

@@ -1,4 +1,4 @@
-"""One optimizer across seeds and learning-rate multipliers: the two tracks of BENCHMARKS.md.
+"""Optimizers across seeds and learning-rate multipliers: the two tracks of BENCHMARKS.md.
 
 *Defaults track*: every seed at the optimizer's defaults (factor 1). *Tuned track*
 (``--lr-sweep``): seed 0 at every multiplier of ``--sweep-factors`` -- the same multipliers for
@@ -14,6 +14,7 @@ back instead of training them again (:func:`finished_runs`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,37 +58,67 @@ def finished_runs(run: RunDir) -> dict[tuple, dict[str, Any]]:
     return done
 
 
-def run_optimizer(
-    config: Config, problems: dict[int, Problem], name: str, factors: tuple[float, ...],
+def run_all(
+    config: Config, problems: dict[int, Problem], names: list[str], factors: tuple[float, ...],
     metrics: MetricsWriter, bar: Any, device: torch.device,
     done: dict[tuple, dict[str, Any]] | None = None,
-) -> tuple[list[dict], float, dict[str, float | None]]:
-    """Seed 0 at every learning-rate factor (the sweep), then the other seeds at the best one.
+    failed: Callable[[str, Exception], bool] | None = None,
+) -> tuple[dict[str, list[dict]], dict[str, float], dict[str, dict[str, float | None]]]:
+    """Every optimizer's runs, interleaved: seed 0 at each learning-rate factor (the sweep), then
+    the other seeds at each optimizer's best factor -- and within each of these rounds, every
+    optimizer in turn.
 
-    ``done`` holds runs finished before an interruption (reused, not retrained). Returns the
-    runs at the chosen factor (seed order), the factor, and the final validation loss of each
-    factor tried.
+    Interleaving keeps the runs that are compared close in time: a ratio pairs an optimizer's
+    seed with AdamW's, and on a machine whose load drifts (another job starts or ends) runs
+    done one optimizer after another would see different loads for the two sides of a pair.
+
+    ``done`` holds runs finished before an interruption (reused, not retrained). ``failed(name,
+    error)`` decides what an optimizer's exception does: ``True`` drops that optimizer from the
+    rest of the benchmark (another library's failure), ``False`` re-raises. Returns, per
+    optimizer that finished, its runs at the chosen factor (seed order), the factor, and the
+    final validation loss of each factor tried.
     """
     done = done or {}
     loss_metric = config.workload.loss_metric
+    active = list(names)
 
-    def one(seed: int, factor: float) -> dict:
+    def one(name: str, seed: int, factor: float) -> dict | None:
         key = (name, seed, factor)
         if key in done:
             record = done[key]
         else:
             bar.set_postfix_str(f"{name} seed {seed}" + (f" lr x{factor:g}"
                                                           if len(factors) > 1 else ""))
-            record = run_one(config, problems[seed], name, seed, factor, metrics, device=device)
+            try:
+                record = run_one(config, problems[seed], name, seed, factor, metrics,
+                                 device=device)
+            except Exception as e:
+                if failed is None or not failed(name, e):
+                    raise
+                active.remove(name)
+                return None
         bar.update()
         return record
 
-    first = {factor: one(0, factor) for factor in factors}
-    tried = {f"{f:g}": (r["final"].get(loss_metric) if r["finite"] else None)
-             for f, r in first.items()}
-    best = min(first, key=lambda f: sweep_score(first[f], loss_metric, f))
-    runs = [first[best]] + [one(seed, best) for seed in range(1, config.seeds)]
-    return runs, best, tried
+    first: dict[str, dict[float, dict]] = {name: {} for name in names}
+    for factor in factors:
+        for name in list(active):
+            record = one(name, 0, factor)
+            if record is not None:
+                first[name][factor] = record
+    chosen = {name: min(first[name], key=lambda f, n=name: sweep_score(first[n][f],
+                                                                          loss_metric, f))
+              for name in active}
+    runs = {name: [first[name][chosen[name]]] for name in active}
+    for seed in range(1, config.seeds):
+        for name in list(active):
+            record = one(name, seed, chosen[name])
+            if record is not None:
+                runs[name].append(record)
+    tried = {name: {f"{f:g}": (r["final"].get(loss_metric) if r["finite"] else None)
+                    for f, r in first[name].items()} for name in active}
+    return ({n: runs[n] for n in active}, {n: chosen[n] for n in active},
+            {n: tried[n] for n in active})
 
 
 def sweep_score(record: dict, loss_metric: str, factor: float) -> tuple[float, float]:
@@ -98,4 +129,4 @@ def sweep_score(record: dict, loss_metric: str, factor: float) -> tuple[float, f
     return score, abs(math.log(factor))
 
 
-__all__ = ["UNIT", "finished_runs", "run_optimizer", "sweep_score"]
+__all__ = ["UNIT", "finished_runs", "run_all", "sweep_score"]
