@@ -171,14 +171,19 @@ def _losses(sub: Path) -> dict[tuple, list[float]]:
 
 
 @pytest.mark.slow
-def test_jobs_train_workloads_side_by_side_with_the_same_results(tmp_path):
+def test_jobs_train_workloads_side_by_side_with_the_same_results(tmp_path, capsys):
     """``--jobs 2`` trains the workloads in two spawned processes: every sub-run computes what
     the one-process suite computes (same seeds, same thread count), the tuned track still takes
     the defaults track's factor-1 runs, and the report says the timings shared the machine."""
-    flags = ["bench", "suite", "--quick", "--quiet", "--threads", "1",
+    flags = ["bench", "suite", "--quick", "--threads", "1",
              "--workloads", "digits-mlp,kron-quadratic,digits-cnn"]
-    assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    assert main([*flags, "--quiet", "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
     assert main([*flags, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    # A line as each workload ends (not all at the end), counting up.
+    err = capsys.readouterr().err
+    assert [line.split("(")[1] for line in err.splitlines() if " done (" in line] == [
+        "1/3 workloads)", "2/3 workloads)", "3/3 workloads)"]
     one = json.loads((tmp_path / "one" / "summary.json").read_text())["results"]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())["results"]
     assert two["jobs"] == 2 and one["jobs"] == 1

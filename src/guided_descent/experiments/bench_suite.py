@@ -238,7 +238,7 @@ def _train_in_parallel(root: Path, config: Config, subs: dict[tuple[str, str], R
     processes write one file. A failure stops the suite after the jobs already running end; what
     finished is kept for ``run --resume``."""
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     import torch
 
@@ -253,7 +253,7 @@ def _train_in_parallel(root: Path, config: Config, subs: dict[tuple[str, str], R
         futures = {pool.submit(_worker, str(root), config.tracks, w, threads): w for w in todo}
         pending = set(futures)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 if future.exception() is not None:
                     for other in pending:
