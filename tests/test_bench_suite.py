@@ -52,6 +52,25 @@ def test_geometric_mean_weights_workloads_equally_and_is_reproducible():
     assert missing["excluded"] == ["c"] and missing["workloads"] == ["a", "b"]
 
 
+def test_the_aggregate_also_carries_steps_free_of_machine_load():
+    """Per optimizer, beside the time geometric mean, the same statistic over steps to target:
+    a slower clock (a loaded machine) moves the first and not the second."""
+    def summary(adamw_seconds, muon_seconds):
+        rows = {"adamw": _row(adamw_seconds, [True] * 3, steps=[100, 100, 100]),
+                "muon": _row(muon_seconds, [True] * 3, steps=[50, 40, 50])}
+        return {"results": {"optimizers": rows}}
+
+    quiet = lb.aggregate({"w": lb.workload_table(summary([2.0] * 3, [1.0, 0.8, 1.0]))})
+    loaded = lb.aggregate({"w": lb.workload_table(summary([2.0] * 3, [3.0, 2.4, 3.0]))})
+    steps = math.exp(np.log([0.5, 0.4, 0.5]).mean())
+    assert quiet["muon"]["steps"]["value"] == pytest.approx(steps)
+    assert loaded["muon"]["steps"] == quiet["muon"]["steps"]
+    assert loaded["muon"]["value"] == pytest.approx(3 * quiet["muon"]["value"])
+    assert quiet["muon"]["steps"]["seeds"] == 3
+    assert lb.interval_outcome(quiet["muon"]["steps"], 3).verdict == PASS
+    assert lb.verdict("muon", "defaults", loaded["muon"], 3).verdict == FAIL
+
+
 def _agg(value, low, high, kind="exact", seeds=3):
     return {"value": value, "low": low, "high": high, "kind": kind, "seeds": seeds}
 
@@ -109,6 +128,18 @@ def test_quick_suite_end_to_end_resumes_and_publishes(tmp_path, capsys):
     assert "# Leaderboard" in report and "](./leaderboard.png)" in report
     assert (out / "leaderboard.png").stat().st_size > 1000
     assert "[full report](defaults/digits-mlp/report.md)" in report
+
+    # A suite written by an older version (no steps aggregate): the report re-derives the
+    # leaderboard from the sub-runs' files and shows it; the stored summary stays as it was.
+    old = json.loads((out / "summary.json").read_text())
+    for board in old["results"]["tracks"].values():
+        for agg in board["aggregate"].values():
+            del agg["steps"]
+    (out / "summary.json").write_text(json.dumps(old))
+    assert main(["report", str(out)]) == 0
+    assert "steps × AdamW, geometric mean [interval]" in (out / "leaderboard.md").read_text()
+    assert "In steps to target" in (out / "leaderboard.md").read_text()
+    assert json.loads((out / "summary.json").read_text()) == old
 
     # Interrupted inside the tuned digits-mlp run: it and the suite summary are gone.
     sub = out / "tuned" / "digits-mlp"

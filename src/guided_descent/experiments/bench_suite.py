@@ -174,14 +174,38 @@ def run(config: Config, run: RunDir, progress: Progress) -> None:
         reused = sum(_train_workload(subs, workload, progress)
                      for workload in config.workloads)
     summaries = {key: read_json(sub.path / SUMMARY) for key, sub in subs.items()}
-    results = suite_results(config, summaries, read_json(run.file(ENV)))
+    results, claims = leaderboard(config, summaries, read_json(run.file(ENV)))
     results["wall_seconds"] = time.perf_counter() - started
     results["reused_runs"] = reused
     results["jobs"] = config.jobs
+    run.write_summary(results, claims)
+
+
+def leaderboard(config: Config, summaries: dict[tuple[str, str], dict[str, Any]],
+                env: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """The suite's results and its verdicts across workloads, from the sub-runs' summaries."""
+    results = suite_results(config, summaries, env)
     claims = [lb.verdict(name, track, agg, min_seeds(config.device))
               for track, board in results["tracks"].items()
               for name, agg in board["aggregate"].items()]
-    run.write_summary(results, claims)
+    return results, claims
+
+
+def rederive(root: Path) -> dict[str, Any]:
+    """A finished suite's summary computed afresh from its sub-runs' files with this version's
+    leaderboard code (what ``guided-descent report`` shows), keeping what only the run itself
+    knew (wall time, reused runs, jobs). The stored ``summary.json`` is left as it was."""
+    root = Path(root)
+    stored = read_json(root / SUMMARY)
+    config = Config.from_dict(read_json(root / CONFIG).get("config", {}))
+    summaries = {(t, w): read_json(sub_run(root, t, w) / SUMMARY)
+                 for t in config.tracks for w in config.workloads
+                 if (sub_run(root, t, w) / SUMMARY).is_file()}
+    results, claims = leaderboard(config, summaries, read_json(root / ENV))
+    for key in ("wall_seconds", "reused_runs", "jobs"):
+        if key in stored.get("results", {}):
+            results[key] = stored["results"][key]
+    return {**stored, "results": results, "claims": [c.to_dict() for c in claims]}
 
 
 def _train_workload(subs: dict[tuple[str, str], RunDir], workload: str,
@@ -298,6 +322,7 @@ def suite_results(config: Config, summaries: dict[tuple[str, str], dict[str, Any
         "seeds": config.seeds,
         "ci": config.ci,
         "sweep_factors": list(config.sweep_factors),
+        "min_seeds": min_seeds(config.device),
         "bootstrap": {"resamples": lb.RESAMPLES, "seed": lb.SEED,
                       "quantiles": [lb.LOW_Q, lb.HIGH_Q]},
         "tracks": tracks,
@@ -323,4 +348,5 @@ def estimate_minutes(per_run_seconds: dict[str, float], optimizers: dict[str, in
     return {"defaults": defaults / 60, "tuned": tuned / 60, "total": (defaults + tuned) / 60}
 
 
-__all__ = ["BUDGET", "CPU_WORKLOADS", "TRACKS", "Config", "run", "suite_results"]
+__all__ = ["BUDGET", "CPU_WORKLOADS", "TRACKS", "Config", "leaderboard", "rederive", "run",
+           "suite_results"]

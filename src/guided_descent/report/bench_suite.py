@@ -34,14 +34,20 @@ LEADERBOARD = "leaderboard.md"
 BOUND = {"lower": "≥ ", "upper": "≤ ", "mixed": "~ ", "exact": "", "none": ""}
 
 
+def suite_summary(run_dir: Path) -> dict[str, Any]:
+    """The suite's leaderboard and verdicts re-derived from its sub-runs' files by this version
+    of the code (so a report of an older run shows every statistic the current one computes)."""
+    from guided_descent.experiments.bench_suite import rederive
+
+    return rederive(Path(run_dir))
+
+
 def _jobs_note(res: dict[str, Any]) -> str:
     """Said next to the wall time when workloads trained side by side (``--jobs``)."""
     jobs = res.get("jobs", 1)
     if jobs <= 1:
         return ""
-    return (f", with {jobs} workloads training at once (each in its own process; a workload's "
-            "optimizers ran one after another in one process, so their time ratios share one "
-            "kind of load)")
+    return f", with {jobs} workloads training at once (each workload in a process of its own)"
 
 
 def _ratio_cell(stats: dict[str, Any]) -> str:
@@ -67,6 +73,28 @@ def _interval(agg: dict[str, Any]) -> str:
     return f"{mark}{fmt(agg['value'])} [{fmt(agg['low'])}–{fmt(agg['high'])}]"
 
 
+def _steps_sentence(board: dict[str, Any], minimum: int) -> str:
+    """The headline's second half: the same across workloads in steps, free of machine load."""
+    from guided_descent.experiments.bench.leaderboard import interval_outcome
+
+    fewer, more, unsure = [], [], []
+    steps = {n: a["steps"] for n, a in board["aggregate"].items() if "steps" in a}
+    for name, agg in sorted(steps.items(), key=lambda kv: kv[1].get("value") or math.inf):
+        v = interval_outcome(agg, minimum).verdict
+        (fewer if v == "PASS" else more if v == "FAIL" else unsure).append(
+            f"{name} {_interval(agg)}")
+    if not steps:
+        return ""
+    text = "In steps to target (what a method does per update, free of the machine's load): "
+    text += ("fewer than AdamW beyond the interval: " + ", ".join(fewer) + "; " if fewer
+             else "none takes fewer steps than AdamW beyond the interval; ")
+    if more:
+        text += "more: " + ", ".join(more) + "; "
+    if unsure:
+        text += "not decided: " + ", ".join(unsure) + "; "
+    return text.rstrip("; ") + "."
+
+
 def headline(summary: dict[str, Any]) -> str:
     """One sentence per track from the aggregate: who beats AdamW beyond the interval, who is
     slower, and where AdamW wins."""
@@ -89,7 +117,8 @@ def headline(summary: dict[str, Any]) -> str:
         if slower:
             text += "AdamW is faster than: " + ", ".join(slower) + ". "
         if unsure:
-            text += "Not decided: " + ", ".join(unsure) + "."
+            text += "Not decided: " + ", ".join(unsure) + ". "
+        text += _steps_sentence(board, res.get("min_seeds", 3))
         parts.append(text.strip())
     return "\n\n".join(parts)
 
@@ -98,7 +127,7 @@ def leaderboard_markdown(run_dir: Path, figure: str, links: bool = True) -> str:
     """The leaderboard as Markdown; ``figure`` is the image path to link; ``links``: link each
     workload's sub-report (inside the run directory) rather than name its folder (in docs)."""
     run_dir = Path(run_dir)
-    summary = read_json(run_dir / SUMMARY)
+    summary = suite_summary(run_dir)
     env = read_json(run_dir / ENV)
     config = read_json(run_dir / CONFIG)["config"]
     res = summary["results"]
@@ -126,7 +155,9 @@ def leaderboard_markdown(run_dir: Path, figure: str, links: bool = True) -> str:
         f"`default_rng({boot['seed']})`, interval {q_lo:g}–{q_hi:g} %: each end one-sided at "
         "p = 0.001, rule 4's z = 3.09). With 3 seeds per workload the bootstrap cannot see more "
         "spread than the seeds show. A verdict PASS needs the whole interval below 1, FAIL the "
-        "whole interval above 1; anything else is UNDECIDED with the reason.",
+        "whole interval above 1; anything else is UNDECIDED with the reason. The steps column "
+        "is the same statistic over steps to target: what a method does per update, untouched "
+        "by whatever else ran on the machine, which a time ratio measures too.",
         "",
         "## Headline",
         "",
@@ -149,11 +180,13 @@ def leaderboard_markdown(run_dir: Path, figure: str, links: bool = True) -> str:
         for name, agg in sorted(board["aggregate"].items(),
                                 key=lambda kv: kv[1].get("value") or math.inf):
             c = verdicts.get(f"leaderboard: {name} vs adamw ({track})", {})
-            rows.append((name, _interval(agg), len(agg.get("workloads", [])),
+            rows.append((name, _interval(agg), _interval(agg.get("steps") or {}),
+                         len(agg.get("workloads", [])),
                          ", ".join(agg.get("excluded", [])) or "-",
                          f"**{claim_verdict(c)}**" if c else "-", claim_reason(c) or "-"))
         lines += [
-            table(("optimizer", "time × AdamW, geometric mean [interval]", "workloads",
+            table(("optimizer", "time × AdamW, geometric mean [interval]",
+                   "steps × AdamW, geometric mean [interval]", "workloads",
                    "left out (both missed)", "verdict", "why"), rows),
             "",
         ]
@@ -195,7 +228,7 @@ def figure(run_dir: Path, path: Path) -> None:
     import numpy as np
     from matplotlib.ticker import FuncFormatter
 
-    res = read_json(Path(run_dir) / SUMMARY)["results"]
+    res = suite_summary(run_dir)["results"]
     plt = pyplot()
     tracks = list(res["tracks"])
     names = sorted({n for t in tracks for n in res["tracks"][t]["aggregate"]})
@@ -322,7 +355,7 @@ def publish(run_dir: Path, docs: Path) -> Path:
     shutil.copyfile(run_dir / FIGURE, docs / "figures" / FIGURE)
     out = docs / LEADERBOARD
     board = leaderboard_markdown(run_dir, f"figures/{FIGURE}", links=False)
-    summary = read_json(run_dir / SUMMARY)
+    summary = suite_summary(run_dir)
     marker = "<!-- suite:leaderboard -->"
     if out.is_file() and marker in out.read_text():
         # The page keeps its written sections; the measured leaderboard goes in its region,

@@ -20,6 +20,9 @@ quantile, so each end is a one-sided bound at p = 0.001, the z = 3.09 of rule 4.
 seeds per workload the bootstrap under-covers (it cannot see more spread than the seeds show);
 read it as the protocol's yardstick, not as exact coverage.
 
+The same geometric mean and interval over the *steps* ratios (``aggregate``'s ``steps``) shows
+what each method does per update, free of the machine's load; the verdict is on time.
+
 Verdict per optimizer and track ("faster than AdamW across workloads"): PASS when the upper end
 of the interval is below 1 and no ratio in it is a lower bound (a miss could hide a slower run);
 FAIL when the lower end is above 1 and no ratio is an upper bound; otherwise UNDECIDED, with the
@@ -180,6 +183,7 @@ def workload_table(summary: Mapping[str, Any]) -> dict[str, Any]:
             "seconds": spread(seconds),
             "steps": spread(steps),
             "seconds_per_seed": [[r.value, r.kind] for r in seconds],
+            "steps_per_seed": [[r.value, r.kind] for r in steps],
             "reached": target.get("reached", 0),
             "seeds": row["seeds"],
             "faster_beyond_spread": beyond,
@@ -204,9 +208,37 @@ def aggregate(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             for w, t in tables.items() if name in t
         }
         out[name] = geometric_mean(per_workload)
-        out[name]["seeds"] = min((t[name]["seeds"] for t in tables.values() if name in t),
-                                 default=0)
+        # The same over steps to target: what the method does per update, free of the machine's
+        # load (a time ratio on a shared machine also measures whatever else ran).
+        out[name]["steps"] = geometric_mean({
+            w: [Ratio(v, k) for v, k in t[name].get("steps_per_seed", [])]
+            for w, t in tables.items() if name in t
+        })
+        out[name]["seeds"] = out[name]["steps"]["seeds"] = min(
+            (t[name]["seeds"] for t in tables.values() if name in t), default=0)
     return out
+
+
+def interval_outcome(agg: Mapping[str, Any], minimum: int) -> Outcome:
+    """PASS when a geometric mean's whole interval lies below 1 (with no lower bound in it),
+    FAIL when it lies above 1 (no upper bound), else UNDECIDED with the reason."""
+    kind = agg.get("kind")
+    if agg.get("value") is None:
+        return Outcome.undecided("no workload where both it and AdamW have a ratio")
+    interval = f"[{agg['low']:.3g}, {agg['high']:.3g}]"
+    if agg.get("seeds", 0) < minimum:
+        return Outcome.undecided(f"{agg.get('seeds')} seed(s): rule 4 needs at least {minimum}")
+    if agg["high"] < 1 and kind in ("exact", "upper"):
+        return Outcome(PASS, f"interval {interval} lies below 1")
+    if agg["low"] > 1 and kind in ("exact", "lower"):
+        return Outcome(FAIL, f"interval {interval} lies above 1: slower than AdamW")
+    if kind == "mixed":
+        return Outcome.undecided(f"interval {interval} mixes lower and upper bounds (misses on "
+                                 "both sides): not a measurement")
+    if agg["high"] < 1 or agg["low"] > 1:
+        return Outcome.undecided(f"interval {interval} excludes 1, but some ratios are {kind} "
+                                 "bounds from missed targets that could reverse it")
+    return Outcome.undecided(f"interval {interval} contains 1: within the seed spread")
 
 
 def verdict(name: str, track: str, agg: Mapping[str, Any], minimum: int) -> Claim:
@@ -215,25 +247,10 @@ def verdict(name: str, track: str, agg: Mapping[str, Any], minimum: int) -> Clai
                  "(value: geometric mean of time ratios; PASS needs the whole bootstrap interval "
                  "below 1)")
     value = agg.get("value")
-    kind = agg.get("kind")
     if value is None:
         return Claim(f"leaderboard: {name} vs adamw ({track})", statement, None, "<", 1.0,
                      Outcome.undecided("no workload where both it and AdamW have a ratio"))
-    interval = f"[{agg['low']:.3g}, {agg['high']:.3g}]"
-    if agg.get("seeds", 0) < minimum:
-        outcome = Outcome.undecided(f"{agg.get('seeds')} seed(s): rule 4 needs at least {minimum}")
-    elif agg["high"] < 1 and kind in ("exact", "upper"):
-        outcome = Outcome(PASS, f"interval {interval} lies below 1")
-    elif agg["low"] > 1 and kind in ("exact", "lower"):
-        outcome = Outcome(FAIL, f"interval {interval} lies above 1: slower than AdamW")
-    elif kind == "mixed":
-        outcome = Outcome.undecided(f"interval {interval} mixes lower and upper bounds (misses "
-                                    "on both sides): not a measurement")
-    elif agg["high"] < 1 or agg["low"] > 1:
-        outcome = Outcome.undecided(f"interval {interval} excludes 1, but some ratios are "
-                                    f"{kind} bounds from missed targets that could reverse it")
-    else:
-        outcome = Outcome.undecided(f"interval {interval} contains 1: within the seed spread")
+    outcome = interval_outcome(agg, minimum)
     return Claim(f"leaderboard: {name} vs adamw ({track})", statement, value, "<", 1.0, outcome)
 
 
@@ -243,6 +260,7 @@ __all__ = [
     "Ratio",
     "aggregate",
     "geometric_mean",
+    "interval_outcome",
     "seed_ratios",
     "spread",
     "verdict",
