@@ -191,13 +191,14 @@ def test_the_whole_quick_suite_runs(tmp_path):
     assert "## Tuned track" in (out / "report.md").read_text()
 
 
-def _losses(sub: Path) -> dict[tuple, list[float]]:
-    """Every run's evaluated test losses by (optimizer, seed, lr factor): what training computed,
-    without the clock."""
-    out: dict[tuple, list[float]] = {}
+def _evaluations(sub: Path) -> dict[tuple, list[dict]]:
+    """Every run's evaluations by (optimizer, seed, lr factor), without the clock: what training
+    computed."""
+    out: dict[tuple, list[dict]] = {}
     for r in read_metrics(sub):
         if r.get("event") == "eval":
-            out.setdefault((r["optimizer"], r["seed"], r["lr_factor"]), []).append(r["test_loss"])
+            kept = {k: v for k, v in r.items() if k != "train_seconds"}
+            out.setdefault((r["optimizer"], r["seed"], r["lr_factor"]), []).append(kept)
     return out
 
 
@@ -221,8 +222,8 @@ def test_jobs_train_workloads_side_by_side_with_the_same_results(tmp_path, capsy
     assert two["reused_runs"] == one["reused_runs"] > 0
     for track in ("defaults", "tuned"):
         for workload in ("digits-mlp", "kron-quadratic", "digits-cnn"):
-            a = _losses(tmp_path / "one" / track / workload)
-            b = _losses(tmp_path / "two" / track / workload)
+            a = _evaluations(tmp_path / "one" / track / workload)
+            b = _evaluations(tmp_path / "two" / track / workload)
             assert a == b and a, (track, workload)
         assert two["tracks"][track]["lr_factors"] == one["tracks"][track]["lr_factors"]
     assert "2 workloads training at once" in (tmp_path / "two" / "leaderboard.md").read_text()

@@ -110,7 +110,8 @@ def headline(summary: dict[str, Any]) -> str:
             cell = f"{name} {_interval(agg)}"
             (faster if v == "PASS" else slower if v == "FAIL" else unsure).append(cell)
         n = len(res["workloads"])
-        text = (f"**{track} track** ({n} workloads, {res['seeds']} seeds, {res['device']}): "
+        plural = "s" if n != 1 else ""
+        text = (f"**{track} track** ({n} workload{plural}, {res['seeds']} seeds, {res['device']}): "
                 "time to target as a multiple of AdamW's, geometric mean [interval]. ")
         text += ("Faster than AdamW beyond the interval: " + ", ".join(faster) + ". "
                  if faster else "No optimizer is faster than AdamW beyond the interval. ")
@@ -313,8 +314,8 @@ def _region_text(region: str, summary: dict[str, Any], link: str) -> str:
                      "time × AdamW"), rows))
     workloads = [w for w in KINDS.get(region, ()) if w in res["workloads"]]
     if not workloads:
-        return "No workload of the suite covers this kind of model yet: no run supports a " \
-               "recommendation here."
+        return ("This suite run has no workload of this kind of model: it supports no "
+                "recommendation here.")
     rows = []
     for track, board in res["tracks"].items():
         for w in workloads:
