@@ -18,7 +18,7 @@ leaderboard (:mod:`guided_descent.experiments.bench.leaderboard`) and its verdic
   gives the arithmetic): ``--quick`` (the CI-sized variant of every workload, 3 seeds,
   multipliers 0.316/1/3.16, AdamW's final loss as the target) about a minute (measured: 36 s on
   one thread of a shared machine); the full suite (3 seeds, multipliers 0.1/0.316/1/3.16/10)
-  about two and a half hours -- see :data:`BUDGET`.
+  105 minutes measured with ``--threads 1 --jobs 2`` -- see :data:`BUDGET`.
 """
 
 from __future__ import annotations
@@ -55,10 +55,9 @@ CPU_WORKLOADS: tuple[str, ...] = (
 TRACKS: tuple[str, ...] = ("defaults", "tuned")
 FULL_FACTORS: tuple[float, ...] = (0.1, 0.316, 1.0, 3.16, 10.0)
 QUICK_FACTORS: tuple[float, ...] = (0.316, 1.0, 3.16)
-# The stated budget on 2 CPU cores (an idle machine, 2 torch threads), in minutes: the quick
-# suite as measured end to end; the full one estimated from measured per-workload times (see
-# docs/leaderboard.md, "Budget").
-BUDGET = {"quick": 1, "full": 150}
+# The stated budget on 2 CPU cores, in minutes, both measured end to end: the quick suite on one
+# thread, the full one with --threads 1 --jobs 2 (docs/leaderboard.md, "Budget").
+BUDGET = {"quick": 1, "full": 105}
 
 
 @dataclass(frozen=True)
@@ -228,11 +227,12 @@ def _train_workload(subs: dict[tuple[str, str], RunDir], workload: str,
     return reused
 
 
-# Measured seconds per run (docs/leaderboard.md, "Budget"): --jobs starts the longest first.
+# Measured seconds per run, training clock, one thread (docs/leaderboard.md, "Budget"): --jobs
+# starts the costliest workloads (seconds per run x optimizers) first.
 RUN_SECONDS = {
-    "kron-quadratic": 2.9, "digits-mlp": 2.5, "digits-cnn": 1.9, "digits-autoencoder": 4.0,
-    "mnist1d-mlp": 9.3, "mnist1d-cnn": 7.8, "mnist1d-transformer": 60.0, "charlm": 52.0,
-    "mnist1d-gru": 25.0,
+    "kron-quadratic": 3.0, "digits-mlp": 1.0, "digits-cnn": 3.0, "digits-autoencoder": 6.0,
+    "mnist1d-mlp": 2.0, "mnist1d-cnn": 10.0, "mnist1d-gru": 16.0, "mnist1d-transformer": 19.0,
+    "charlm": 114.0,
 }
 
 
