@@ -337,16 +337,5 @@ def device_label(env: dict[str, Any], device: str) -> str:
     return f"{cpu}, {env.get('torch_threads', '?')} torch threads"
 
 
-def estimate_minutes(per_run_seconds: dict[str, float], optimizers: dict[str, int],
-                     seeds: int, factors: int) -> dict[str, float]:
-    """The budget arithmetic: per workload, ``optimizers x seeds`` runs on the defaults track and
-    ``optimizers x (seeds - 1 + factors)`` on the tuned one, less the factor-1 runs the tuned
-    track takes from the defaults track (at least seed 0's)."""
-    defaults = sum(per_run_seconds[w] * optimizers[w] * seeds for w in per_run_seconds)
-    tuned = sum(per_run_seconds[w] * optimizers[w] * (seeds - 1 + factors - 1)
-                for w in per_run_seconds)
-    return {"defaults": defaults / 60, "tuned": tuned / 60, "total": (defaults + tuned) / 60}
-
-
 __all__ = ["BUDGET", "CPU_WORKLOADS", "TRACKS", "Config", "leaderboard", "rederive", "run",
            "suite_results"]
