@@ -124,11 +124,12 @@ def headline(summary: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def leaderboard_markdown(run_dir: Path, figure: str, links: bool = True) -> str:
+def leaderboard_markdown(run_dir: Path, figure: str, links: bool = True,
+                         summary: dict[str, Any] | None = None) -> str:
     """The leaderboard as Markdown; ``figure`` is the image path to link; ``links``: link each
     workload's sub-report (inside the run directory) rather than name its folder (in docs)."""
     run_dir = Path(run_dir)
-    summary = suite_summary(run_dir)
+    summary = summary or suite_summary(run_dir)
     env = read_json(run_dir / ENV)
     config = read_json(run_dir / CONFIG)["config"]
     res = summary["results"]
@@ -223,13 +224,13 @@ def leaderboard_markdown(run_dir: Path, figure: str, links: bool = True) -> str:
     return "\n".join(lines)
 
 
-def figure(run_dir: Path, path: Path) -> None:
+def figure(run_dir: Path, path: Path, summary: dict[str, Any] | None = None) -> None:
     """Dot-and-interval plot: per optimizer the geometric mean (dot) and its bootstrap interval
     (bar), one panel per track; small grey marks are the per-workload geometric means."""
     import numpy as np
     from matplotlib.ticker import FuncFormatter
 
-    res = suite_summary(run_dir)["results"]
+    res = (summary or suite_summary(run_dir))["results"]
     plt = pyplot()
     tracks = list(res["tracks"])
     names = sorted({n for t in tracks for n in res["tracks"][t]["aggregate"]})
@@ -266,8 +267,9 @@ def figure(run_dir: Path, path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def render(run_dir: Path) -> Path:
-    """Render every sub-run's report, then the leaderboard as ``report.md`` and its figure."""
+def render(run_dir: Path, summary: dict[str, Any] | None = None) -> Path:
+    """Render every sub-run's report, then the leaderboard as ``report.md`` and its figure
+    (``summary``: the suite's re-derived summary, when the caller already has it)."""
     from guided_descent.report import is_run
     from guided_descent.report import render as render_one
 
@@ -276,8 +278,9 @@ def render(run_dir: Path) -> Path:
         for sub in sorted(p for p in track_dir.iterdir() if p.is_dir() and is_run(p)):
             if (sub / SUMMARY).is_file():
                 render_one(sub)
-    figure(run_dir, run_dir / FIGURE)
-    text = leaderboard_markdown(run_dir, f"./{FIGURE}")
+    summary = summary or suite_summary(run_dir)  # re-derived once for the page and the figure
+    figure(run_dir, run_dir / FIGURE, summary)
+    text = leaderboard_markdown(run_dir, f"./{FIGURE}", summary=summary)
     write_atomic(run_dir / LEADERBOARD, text)
     path = run_dir / REPORT
     write_atomic(path, text)
@@ -351,12 +354,12 @@ def publish(run_dir: Path, docs: Path) -> Path:
     """Write the leaderboard to ``docs/leaderboard.md`` (figure: ``docs/figures/``) and fill the
     marked regions of ``docs/recipes.md`` and ``docs/../README.md`` where they exist."""
     run_dir, docs = Path(run_dir), Path(docs)
-    render(run_dir)
+    summary = suite_summary(run_dir)
+    render(run_dir, summary)
     (docs / "figures").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / FIGURE, docs / "figures" / FIGURE)
     out = docs / LEADERBOARD
-    board = leaderboard_markdown(run_dir, f"figures/{FIGURE}", links=False)
-    summary = suite_summary(run_dir)
+    board = leaderboard_markdown(run_dir, f"figures/{FIGURE}", links=False, summary=summary)
     marker = "<!-- suite:leaderboard -->"
     if out.is_file() and marker in out.read_text():
         # The page keeps its written sections; the measured leaderboard goes in its region,
